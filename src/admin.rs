@@ -1,0 +1,65 @@
+//! The admin listener, on its own port so probes and scrapes never compete with, or get exposed
+//! alongside, SDK traffic: `/health`, `/ready`, `/metrics`.
+
+use crate::error::json_response;
+use crate::telemetry::Metrics;
+use crate::token::store::TokenStore;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use serde_json::json;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+pub struct AdminState {
+    pub store: Arc<TokenStore>,
+    pub metrics: Arc<Metrics>,
+    /// Set at the start of shutdown so load balancers stop sending before we stop accepting.
+    pub draining: AtomicBool,
+}
+
+pub async fn handle<B>(
+    state: Arc<AdminState>,
+    req: Request<B>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Ok(json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &json!({"message": "use GET"}),
+        ));
+    }
+    Ok(match req.uri().path() {
+        "/health" => json_response(StatusCode::OK, &json!({"health": "GOOD"})),
+        "/ready" => ready(&state),
+        "/metrics" => {
+            let body = state.metrics.render(&state.store);
+            let mut r = Response::new(Full::new(Bytes::from(body)));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        _ => json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"message": "not found; try /health, /ready, /metrics"}),
+        ),
+    })
+}
+
+fn ready(state: &AdminState) -> Response<Full<Bytes>> {
+    if state.draining.load(Ordering::Acquire) {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"ready": false, "reason": "shutting down"}),
+        );
+    }
+    if !state.store.is_loaded() {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"ready": false, "reason": "no token set loaded yet"}),
+        );
+    }
+    json_response(StatusCode::OK, &json!({"ready": true}))
+}

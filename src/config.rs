@@ -1,0 +1,260 @@
+//! Settings: every one a flag, an env var (`FLAGGATE_*`) and a TOML key; precedence flag > env > file >
+//! default. Resolution yields one immutable [`Config`]; anything wrong is a [`ConfigError`] that names
+//! where the value came from, the key, and the reason, before any socket is opened.
+
+mod settings;
+mod upstream;
+
+pub use settings::Settings;
+pub use upstream::Upstream;
+
+use crate::policy::{DenialStyle, Rule};
+use crate::token::{Digest, TokenKind};
+use serde::Deserialize;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: `{key}`: {reason}")]
+pub struct ConfigError {
+    pub origin: String,
+    pub key: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(
+        origin: impl Into<String>,
+        key: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> ConfigError {
+        ConfigError {
+            origin: origin.into(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Pretty,
+}
+
+/// A secret setting: its `Debug`/`Display` show only a fingerprint.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: String) -> Secret {
+        Secret(s)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<redacted {}>", Digest::of(&self.0).fingerprint())
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// The effective configuration. Immutable; a reload builds a new one.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub config_file: Option<PathBuf>,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub upstream: Upstream,
+    pub token_file: Option<PathBuf>,
+    pub upstream_token: Option<Secret>,
+    pub sync_interval: Duration,
+    pub state_dir: Option<PathBuf>,
+    pub log_format: LogFormat,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub header_read_timeout: Duration,
+    pub routes: Vec<Rule>,
+}
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:4243";
+pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9243";
+pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:4242";
+
+/// The TOML file's shape. Unknown keys are errors: a misspelt key silently ignored is a setting lost.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileSettings {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub upstream: Option<String>,
+    pub token_file: Option<String>,
+    pub upstream_token: Option<String>,
+    pub sync_interval: Option<String>,
+    pub state_dir: Option<String>,
+    pub log_format: Option<String>,
+    pub upstream_connect_timeout: Option<String>,
+    pub upstream_timeout: Option<String>,
+    pub header_read_timeout: Option<String>,
+    #[serde(default)]
+    pub routes: Vec<FileRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileRule {
+    pub name: String,
+    pub prefix: String,
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub preflight: bool,
+    pub denial: Option<String>,
+}
+
+pub(crate) fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("`{s}` is not an IP:port socket address (e.g. 0.0.0.0:4243)"))
+}
+
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("`{s}` is not a duration like 500ms, 5s, 1m ({e})"))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+pub fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "json" => Ok(LogFormat::Json),
+        "pretty" => Ok(LogFormat::Pretty),
+        _ => Err(format!("`{s}` is not one of json, pretty")),
+    }
+}
+
+pub(crate) fn parse_rule(file: &Path, index: usize, r: FileRule) -> Result<Rule, ConfigError> {
+    let origin = format!("config file {}", file.display());
+    let key = |k: &str| format!("routes[{index}].{k}");
+    if r.name.is_empty()
+        || !r
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(ConfigError::new(
+            origin,
+            key("name"),
+            "use letters, digits, '-' and '_' (it becomes a metric label)",
+        ));
+    }
+    if !crate::path::is_rule_prefix(&r.prefix) {
+        return Err(ConfigError::new(
+            origin,
+            key("prefix"),
+            format!(
+                "`{}` must be a canonical path of unreserved characters and '/', starting with '/'",
+                r.prefix
+            ),
+        ));
+    }
+    let mut kinds = Vec::new();
+    for k in &r.allow {
+        kinds.push(TokenKind::parse_name(k).ok_or_else(|| {
+            ConfigError::new(
+                origin.clone(),
+                key("allow"),
+                format!("`{k}` is not one of client, backend, frontend, admin, pat"),
+            )
+        })?);
+    }
+    let denial = match r.denial.as_deref() {
+        None if r.prefix.starts_with("/api/client") || r.prefix.starts_with("/api/frontend") => {
+            DenialStyle::ApiToken
+        }
+        None | Some("session") => DenialStyle::Session,
+        Some("api-token") => DenialStyle::ApiToken,
+        Some(other) => {
+            return Err(ConfigError::new(
+                origin,
+                key("denial"),
+                format!("`{other}` is not one of api-token, session"),
+            ))
+        }
+    };
+    Ok(Rule::new(&r.name, &r.prefix, &kinds, r.preflight, denial))
+}
+
+impl Config {
+    /// Human-readable effective configuration with secrets redacted, for `check-config`.
+    pub fn render(&self) -> String {
+        let opt = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .map_or("(none)".to_string(), |p| p.display().to_string())
+        };
+        let mut out = String::new();
+        let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
+        line("config", opt(&self.config_file));
+        line("listen", self.listen.to_string());
+        line("admin_listen", self.admin_listen.to_string());
+        line("upstream", self.upstream.to_string());
+        line("token_file", opt(&self.token_file));
+        line(
+            "upstream_token",
+            self.upstream_token
+                .as_ref()
+                .map_or("(none)".into(), |s| s.to_string()),
+        );
+        line(
+            "sync_interval",
+            humantime::format_duration(self.sync_interval).to_string(),
+        );
+        line("state_dir", opt(&self.state_dir));
+        line(
+            "log_format",
+            format!("{:?}", self.log_format).to_lowercase(),
+        );
+        line(
+            "upstream_connect_timeout",
+            humantime::format_duration(self.upstream_connect_timeout).to_string(),
+        );
+        line(
+            "upstream_timeout",
+            humantime::format_duration(self.upstream_timeout).to_string(),
+        );
+        line(
+            "header_read_timeout",
+            humantime::format_duration(self.header_read_timeout).to_string(),
+        );
+        let policy = crate::policy::Policy::new(self.routes.clone());
+        for r in policy.rules() {
+            let kinds: Vec<_> = r.allow.kinds().map(|k| k.as_str()).collect();
+            line(
+                &format!("route {}", r.name),
+                format!(
+                    "{} -> [{}]{}",
+                    r.prefix,
+                    kinds.join(", "),
+                    if r.preflight {
+                        " (+ token-less OPTIONS)"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+        }
+        out.push_str("route unmatched = (any other path) -> [admin]\n");
+        out
+    }
+}

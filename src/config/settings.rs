@@ -1,0 +1,330 @@
+//! The command-line/env layer and the merge with the TOML file and defaults.
+
+use super::*;
+
+/// Every setting as a flag and an env var. Values stay strings here so that one parser per key reports
+/// errors the same way whether the value came from a flag, the environment or the file.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct Settings {
+    /// TOML config file (any key below, plus [[routes]])
+    #[arg(long, env = "FLAGGATE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Proxy listener address [default: 0.0.0.0:4243]
+    #[arg(long, env = "FLAGGATE_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Admin listener for /health, /ready, /metrics [default: 0.0.0.0:9243]
+    #[arg(long, env = "FLAGGATE_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// Unleash base URL, without /api [default: http://127.0.0.1:4242]
+    #[arg(long, env = "FLAGGATE_UPSTREAM", value_name = "URL")]
+    pub upstream: Option<String>,
+    /// YAML token file, watched for changes
+    #[arg(long, env = "FLAGGATE_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<String>,
+    /// Admin token or PAT used to sync the token list from Unleash
+    #[arg(
+        long,
+        env = "FLAGGATE_UPSTREAM_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    pub upstream_token: Option<String>,
+    /// How often to sync tokens from Unleash (500ms, 5s, 1m) [default: 5s]
+    #[arg(long, env = "FLAGGATE_SYNC_INTERVAL", value_name = "DURATION")]
+    pub sync_interval: Option<String>,
+    /// Directory for the token snapshot used when Unleash is down at start
+    #[arg(long, env = "FLAGGATE_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<String>,
+    /// Log format: json or pretty [default: json]
+    #[arg(long, env = "FLAGGATE_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// Upstream TCP connect timeout [default: 2s]
+    #[arg(
+        long,
+        env = "FLAGGATE_UPSTREAM_CONNECT_TIMEOUT",
+        value_name = "DURATION"
+    )]
+    pub upstream_connect_timeout: Option<String>,
+    /// Time allowed for Unleash's response headers (streams are exempt once started) [default: 30s]
+    #[arg(long, env = "FLAGGATE_UPSTREAM_TIMEOUT", value_name = "DURATION")]
+    pub upstream_timeout: Option<String>,
+    /// Time a client has to send its request headers [default: 10s]
+    #[arg(long, env = "FLAGGATE_HEADER_READ_TIMEOUT", value_name = "DURATION")]
+    pub header_read_timeout: Option<String>,
+}
+
+/// Flag/env names of each key, for error messages.
+fn cli_names(key: &str) -> String {
+    format!(
+        "--{} / FLAGGATE_{}",
+        key.replace('_', "-"),
+        key.to_uppercase()
+    )
+}
+
+struct Layers<'a> {
+    file: Option<&'a Path>,
+}
+
+impl Layers<'_> {
+    /// Picks flag/env, else file, else default, and parses it, naming the origin on error.
+    fn pick<T>(
+        &self,
+        key: &'static str,
+        cli: &Option<String>,
+        file: &Option<String>,
+        default: Option<&str>,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        let (value, origin) = match (cli, file) {
+            (Some(v), _) => (v.as_str(), cli_names(key)),
+            (None, Some(v)) => (v.as_str(), self.file_origin()),
+            (None, None) => match default {
+                Some(d) => (d, "default".to_string()),
+                None => return Ok(None),
+            },
+        };
+        parse(value)
+            .map(Some)
+            .map_err(|reason| ConfigError::new(origin, key, reason))
+    }
+
+    fn file_origin(&self) -> String {
+        format!(
+            "config file {}",
+            self.file
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        )
+    }
+
+    /// Relative paths in the config file are relative to the file, not to the working directory.
+    fn path_from(&self, cli: &Option<String>, file: &Option<String>) -> Option<PathBuf> {
+        match (cli, file) {
+            (Some(v), _) => Some(PathBuf::from(v)),
+            (None, Some(v)) => {
+                let p = PathBuf::from(v);
+                Some(match self.file.and_then(Path::parent) {
+                    Some(dir) if p.is_relative() => dir.join(p),
+                    _ => p,
+                })
+            }
+            (None, None) => None,
+        }
+    }
+}
+
+fn must<T>(v: Option<T>) -> T {
+    // Only called where a default was supplied, so `pick` always returns Some.
+    v.unwrap_or_else(|| unreachable!("setting with a default resolved to nothing"))
+}
+
+impl Settings {
+    /// Reads the config file (if any) and merges everything into one validated [`Config`].
+    pub fn resolve(&self) -> Result<(Config, Vec<String>), ConfigError> {
+        let file_path = self.config.as_deref();
+        let file: FileSettings = match file_path {
+            Some(p) => {
+                let origin = format!("config file {}", p.display());
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    ConfigError::new(&origin, "config", format!("cannot read: {e}"))
+                })?;
+                toml::from_str(&text).map_err(|e| {
+                    let msg = e.message().to_string();
+                    let key = msg
+                        .split('`')
+                        .nth(1)
+                        .filter(|_| msg.starts_with("unknown field"))
+                        .map(str::to_string)
+                        .or_else(|| {
+                            e.span()
+                                .map(|s| text[s].lines().next().unwrap_or("").trim().to_string())
+                        })
+                        .unwrap_or_else(|| "(file)".into());
+                    ConfigError::new(origin, key, msg)
+                })?
+            }
+            None => FileSettings::default(),
+        };
+        let l = Layers { file: file_path };
+        let mut warnings = Vec::new();
+
+        let upstream = must(l.pick(
+            "upstream",
+            &self.upstream,
+            &file.upstream,
+            Some(DEFAULT_UPSTREAM),
+            Upstream::parse,
+        )?);
+        warnings.extend(upstream.warning);
+        let upstream_token = match (&self.upstream_token, &file.upstream_token) {
+            (Some(v), _) | (None, Some(v)) if v.trim().is_empty() => {
+                return Err(ConfigError::new(
+                    cli_names("upstream_token"),
+                    "upstream_token",
+                    "is empty",
+                ))
+            }
+            (Some(v), _) | (None, Some(v)) => Some(Secret::new(v.trim().to_string())),
+            (None, None) => None,
+        };
+        let token_file = l.path_from(&self.token_file, &file.token_file);
+        if token_file.is_none() && upstream_token.is_none() {
+            return Err(ConfigError::new(
+                "settings",
+                "token_file",
+                "no token source: set --token-file (FLAGGATE_TOKEN_FILE) and/or --upstream-token (FLAGGATE_UPSTREAM_TOKEN)",
+            ));
+        }
+        let file_rules = file.routes;
+        let mut routes = Vec::with_capacity(file_rules.len());
+        for (i, r) in file_rules.into_iter().enumerate() {
+            routes.push(parse_rule(file_path.unwrap_or(Path::new("")), i, r)?);
+        }
+        for (i, r) in routes.iter().enumerate() {
+            if routes[..i]
+                .iter()
+                .any(|o| o.name == r.name || o.prefix == r.prefix)
+            {
+                return Err(ConfigError::new(
+                    l.file_origin(),
+                    format!("routes[{i}]"),
+                    "duplicate rule name or prefix",
+                ));
+            }
+        }
+        let cfg = Config {
+            config_file: file_path.map(Path::to_path_buf),
+            listen: must(l.pick(
+                "listen",
+                &self.listen,
+                &file.listen,
+                Some(DEFAULT_LISTEN),
+                parse_addr,
+            )?),
+            admin_listen: must(l.pick(
+                "admin_listen",
+                &self.admin_listen,
+                &file.admin_listen,
+                Some(DEFAULT_ADMIN_LISTEN),
+                parse_addr,
+            )?),
+            upstream: upstream.upstream,
+            token_file,
+            upstream_token,
+            sync_interval: must(l.pick(
+                "sync_interval",
+                &self.sync_interval,
+                &file.sync_interval,
+                Some("5s"),
+                parse_duration,
+            )?),
+            state_dir: l.path_from(&self.state_dir, &file.state_dir),
+            log_format: must(l.pick(
+                "log_format",
+                &self.log_format,
+                &file.log_format,
+                Some("json"),
+                parse_log_format,
+            )?),
+            upstream_connect_timeout: must(l.pick(
+                "upstream_connect_timeout",
+                &self.upstream_connect_timeout,
+                &file.upstream_connect_timeout,
+                Some("2s"),
+                parse_duration,
+            )?),
+            upstream_timeout: must(l.pick(
+                "upstream_timeout",
+                &self.upstream_timeout,
+                &file.upstream_timeout,
+                Some("30s"),
+                parse_duration,
+            )?),
+            header_read_timeout: must(l.pick(
+                "header_read_timeout",
+                &self.header_read_timeout,
+                &file.header_read_timeout,
+                Some("10s"),
+                parse_duration,
+            )?),
+            routes,
+        };
+        if cfg.listen == cfg.admin_listen && cfg.listen.port() != 0 {
+            return Err(ConfigError::new(
+                "settings",
+                "admin_listen",
+                "must differ from listen",
+            ));
+        }
+        Ok((cfg, warnings))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_file(text: &str) -> (tempfile::TempDir, Settings) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("flaggate.toml");
+        std::fs::write(&p, text).unwrap();
+        let s = Settings {
+            config: Some(p),
+            ..Settings::default()
+        };
+        (dir, s)
+    }
+
+    #[test]
+    fn precedence_is_flag_then_file_then_default() {
+        let (_d, mut s) = with_file("listen = \"127.0.0.1:1111\"\ntoken_file = \"tokens.yaml\"\n");
+        let (cfg, _) = s.resolve().unwrap();
+        assert_eq!(cfg.listen.port(), 1111);
+        assert_eq!(cfg.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        assert!(
+            cfg.token_file.unwrap().starts_with(_d.path()),
+            "relative to the config file"
+        );
+        s.listen = Some("127.0.0.1:2222".into());
+        assert_eq!(s.resolve().unwrap().0.listen.port(), 2222);
+    }
+
+    #[test]
+    fn errors_name_origin_and_key() {
+        let cases = [
+            ("lisen = \"x\"\n", "`lisen`"),
+            ("token_file = \"t\"\nlisten = \"nope\"\n", "`listen`"),
+            ("token_file = \"t\"\nupstream = \"ftp://x\"\n", "`upstream`"),
+            ("token_file = \"t\"\nsync_interval = \"soon\"\n", "`sync_interval`"),
+            ("token_file = \"t\"\n[[routes]]\nname = \"x\"\nprefix = \"/a/../b\"\nallow = [\"admin\"]\n", "`routes[0].prefix`"),
+            ("token_file = \"t\"\n[[routes]]\nname = \"x\"\nprefix = \"/a\"\nallow = [\"root\"]\n", "`routes[0].allow`"),
+        ];
+        for (text, want) in cases {
+            let (_d, s) = with_file(text);
+            let err = s.resolve().unwrap_err().to_string();
+            assert!(err.contains("flaggate.toml") && err.contains(want), "{err}");
+        }
+        let s = Settings {
+            token_file: Some("t".into()),
+            listen: Some("bad".into()),
+            ..Settings::default()
+        };
+        assert!(s
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("--listen / FLAGGATE_LISTEN"));
+    }
+
+    #[test]
+    fn upstream_token_is_redacted() {
+        let s = Settings {
+            upstream_token: Some("*:*.topsecret".into()),
+            ..Settings::default()
+        };
+        let (cfg, _) = s.resolve().unwrap();
+        assert!(!cfg.render().contains("topsecret"));
+        assert!(!format!("{cfg:?}").contains("topsecret"));
+    }
+}

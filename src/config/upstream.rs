@@ -1,0 +1,106 @@
+//! The Unleash base URL, split once into the parts every forwarded request reuses.
+
+use http::uri::{Authority, Scheme};
+use http::Uri;
+use std::fmt;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstream {
+    pub scheme: Scheme,
+    pub authority: Authority,
+    /// Path Unleash is mounted under (`""` or e.g. `/unleash`), never ending in `/`.
+    pub base_path: String,
+}
+
+/// Outcome of parsing: the URL plus a warning worth logging.
+pub struct ParsedUpstream {
+    pub upstream: Upstream,
+    pub warning: Option<String>,
+}
+
+impl Upstream {
+    pub fn parse(s: &str) -> Result<ParsedUpstream, String> {
+        let uri: Uri = s.parse().map_err(|e| format!("`{s}` is not a URL ({e})"))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or_else(|| format!("`{s}` needs a scheme, e.g. http://{s}"))?;
+        if scheme == Scheme::HTTPS {
+            return Err(format!("`{s}`: https upstreams are not supported yet; use http:// (TLS arrives with the TLS issue)"));
+        }
+        if scheme != Scheme::HTTP {
+            return Err(format!("`{s}`: scheme must be http"));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("`{s}` has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!("`{s}`: credentials in the URL are not supported"));
+        }
+        if uri.query().is_some() {
+            return Err(format!(
+                "`{s}`: a query string makes no sense in a base URL"
+            ));
+        }
+        let mut base_path = uri.path().trim_end_matches('/').to_string();
+        let mut warning = None;
+        // The commonest mistake: copying the SDK's `url` setting, which ends in /api.
+        if base_path.ends_with("/api") {
+            base_path.truncate(base_path.len() - 4);
+            warning = Some(format!(
+                "upstream `{s}` ends in /api; flaggate forwards full paths (/api/client/...), so it uses `{scheme}://{authority}{base_path}` as the Unleash base URL"
+            ));
+        }
+        if !base_path.is_empty()
+            && crate::path::canonicalize(&base_path)
+                .map(|c| c.as_str() != base_path)
+                .unwrap_or(true)
+        {
+            return Err(format!("`{s}`: base path `{base_path}` is not canonical"));
+        }
+        Ok(ParsedUpstream {
+            upstream: Upstream {
+                scheme,
+                authority,
+                base_path,
+            },
+            warning,
+        })
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_suffix_is_accepted_with_a_warning() {
+        let p = Upstream::parse("http://127.0.0.1:4242/api/").unwrap();
+        assert_eq!(p.upstream.to_string(), "http://127.0.0.1:4242");
+        assert!(p.warning.unwrap().contains("/api"));
+        let p = Upstream::parse("http://unleash:4242/unleash").unwrap();
+        assert_eq!(p.upstream.base_path, "/unleash");
+        assert!(p.warning.is_none());
+    }
+
+    #[test]
+    fn rejects_what_cannot_work() {
+        for bad in [
+            "127.0.0.1:4242",
+            "ftp://x",
+            "http://u:p@x",
+            "http://x/?a=1",
+            "not a url",
+            "https://x",
+        ] {
+            assert!(Upstream::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

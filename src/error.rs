@@ -1,0 +1,210 @@
+//! Every way a request can end without an upstream response, and the **one** function that turns it
+//! into HTTP. Each rejection knows who caused it (downstream client, upstream, or us): that drives the
+//! status, the `decision` label in metrics and the log level.
+
+use crate::path::PathError;
+use crate::policy::{DenialStyle, Verdict};
+use crate::token::extract::ExtractError;
+use bytes::Bytes;
+use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blame {
+    Downstream,
+    Upstream,
+    Gateway,
+}
+
+/// The `decision` label: bounded, stable, documented in README.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Allowed,
+    Unauthenticated,
+    Forbidden,
+    BadRequest,
+    RateLimited,
+    UpstreamError,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allowed => "allowed",
+            Decision::Unauthenticated => "unauthenticated",
+            Decision::Forbidden => "forbidden",
+            Decision::BadRequest => "bad_request",
+            Decision::RateLimited => "rate_limited",
+            Decision::UpstreamError => "upstream_error",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Rejection {
+    #[error("non-canonical path: {0}")]
+    BadPath(PathError),
+    #[error("request target must be origin-form (a path), not absolute-form or '*'")]
+    NotOriginForm,
+    #[error("{0}")]
+    BadAuthorization(ExtractError),
+    #[error("more than one Host header")]
+    DuplicateHost,
+    #[error("no token")]
+    NoToken(DenialStyle),
+    #[error("unknown token")]
+    UnknownToken(DenialStyle),
+    #[error("expired token")]
+    Expired(DenialStyle),
+    #[error("token kind may not reach this route")]
+    WrongScope,
+    #[error("upstream unreachable: {0}")]
+    UpstreamConnect(String),
+    #[error("upstream connect timed out: {0}")]
+    UpstreamConnectTimeout(String),
+    #[error("upstream did not answer within {0:?}")]
+    UpstreamTimeout(std::time::Duration),
+    #[error("upstream failed: {0}")]
+    UpstreamFailed(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+const API_TOKEN_MSG: &str =
+    "This endpoint requires an API token. Please add an authorization header to your request with a valid token";
+const NO_HEADER_MSG: &str = "You must log in to use Unleash. Your request had no authorization header, so we could not authorize you. Try logging in at /auth/simple/login";
+const BAD_TOKEN_MSG: &str = "You must log in to use Unleash.";
+const WRONG_TYPE_MSG: &str = "invalid token: expected a different token type for this endpoint";
+
+impl Rejection {
+    /// Maps a non-allowing verdict; `Allow`/`Preflight` are not rejections.
+    pub fn from_verdict(v: Verdict, style: DenialStyle) -> Option<Rejection> {
+        match v {
+            Verdict::Allow | Verdict::Preflight => None,
+            Verdict::NoToken => Some(Rejection::NoToken(style)),
+            Verdict::UnknownToken => Some(Rejection::UnknownToken(style)),
+            Verdict::Expired => Some(Rejection::Expired(style)),
+            Verdict::WrongScope => Some(Rejection::WrongScope),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Rejection::BadPath(_)
+            | Rejection::NotOriginForm
+            | Rejection::BadAuthorization(_)
+            | Rejection::DuplicateHost => StatusCode::BAD_REQUEST,
+            Rejection::NoToken(_) | Rejection::UnknownToken(_) | Rejection::Expired(_) => {
+                StatusCode::UNAUTHORIZED
+            }
+            Rejection::WrongScope => StatusCode::FORBIDDEN,
+            Rejection::UpstreamConnect(_) | Rejection::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
+            Rejection::UpstreamTimeout(_) | Rejection::UpstreamConnectTimeout(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            Rejection::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn blame(&self) -> Blame {
+        match self {
+            Rejection::UpstreamConnect(_)
+            | Rejection::UpstreamConnectTimeout(_)
+            | Rejection::UpstreamTimeout(_)
+            | Rejection::UpstreamFailed(_) => Blame::Upstream,
+            Rejection::Internal(_) => Blame::Gateway,
+            _ => Blame::Downstream,
+        }
+    }
+
+    pub fn decision(&self) -> Decision {
+        match self {
+            Rejection::BadPath(_)
+            | Rejection::NotOriginForm
+            | Rejection::BadAuthorization(_)
+            | Rejection::DuplicateHost => Decision::BadRequest,
+            Rejection::NoToken(_) | Rejection::UnknownToken(_) | Rejection::Expired(_) => {
+                Decision::Unauthenticated
+            }
+            Rejection::WrongScope => Decision::Forbidden,
+            Rejection::UpstreamConnect(_)
+            | Rejection::UpstreamConnectTimeout(_)
+            | Rejection::UpstreamTimeout(_)
+            | Rejection::UpstreamFailed(_) => Decision::UpstreamError,
+            Rejection::Internal(_) => Decision::UpstreamError,
+        }
+    }
+
+    /// Stable machine-readable reason, also used as the log's rejection reason.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Rejection::BadPath(e) => e.code(),
+            Rejection::NotOriginForm => "not_origin_form",
+            Rejection::BadAuthorization(ExtractError::Duplicate) => "duplicate_authorization",
+            Rejection::BadAuthorization(ExtractError::NotText) => "malformed_authorization",
+            Rejection::DuplicateHost => "duplicate_host",
+            Rejection::NoToken(_) => "no_token",
+            Rejection::UnknownToken(_) => "unknown_token",
+            Rejection::Expired(_) => "expired_token",
+            Rejection::WrongScope => "wrong_token_type",
+            Rejection::UpstreamConnect(_) => "upstream_unreachable",
+            Rejection::UpstreamTimeout(_) | Rejection::UpstreamConnectTimeout(_) => {
+                "upstream_timeout"
+            }
+            Rejection::UpstreamFailed(_) => "upstream_failed",
+            Rejection::Internal(_) => "internal",
+        }
+    }
+
+    /// The JSON body: Unleash's own shape for denials (so SDK error handling sees what it knows) plus
+    /// our stable `code`. Upstream error detail stays in our log, not in the client's body.
+    pub fn body(&self) -> serde_json::Value {
+        use serde_json::json;
+        let code = self.code();
+        match self {
+            Rejection::NoToken(DenialStyle::ApiToken)
+            | Rejection::UnknownToken(DenialStyle::ApiToken)
+            | Rejection::Expired(DenialStyle::ApiToken) => {
+                json!({ "message": API_TOKEN_MSG, "code": code })
+            }
+            Rejection::NoToken(DenialStyle::Session) => {
+                json!({ "name": "AuthenticationRequired", "message": NO_HEADER_MSG, "code": code })
+            }
+            Rejection::UnknownToken(DenialStyle::Session)
+            | Rejection::Expired(DenialStyle::Session) => {
+                json!({ "name": "UnauthorizedError", "message": BAD_TOKEN_MSG, "code": code })
+            }
+            Rejection::WrongScope => json!({ "message": WRONG_TYPE_MSG, "code": code }),
+            Rejection::UpstreamConnect(_) => {
+                json!({ "message": "The flag server could not be reached.", "code": code })
+            }
+            Rejection::UpstreamTimeout(_) | Rejection::UpstreamConnectTimeout(_) => {
+                json!({ "message": "The flag server did not answer in time.", "code": code })
+            }
+            Rejection::UpstreamFailed(_) => {
+                json!({ "message": "The flag server connection failed.", "code": code })
+            }
+            Rejection::Internal(_) => json!({ "message": "Internal gateway error.", "code": code }),
+            _ => json!({ "message": self.to_string(), "code": code }),
+        }
+    }
+
+    pub fn into_response(&self) -> Response<Full<Bytes>> {
+        json_response(self.status(), &self.body())
+    }
+}
+
+/// A small JSON response; `no-store` because denials must not be cached by anything in between.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_default());
+    let mut resp = Response::new(Full::new(bytes));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}

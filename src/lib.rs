@@ -1,0 +1,16 @@
+//! flaggate: a token-checking reverse proxy in front of an Unleash feature-flag server.
+//!
+//! Start with [`proxy`] for the request's way through the gateway, [`policy`] for who may reach what,
+//! and [`token`] for the token model and store.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod path;
+pub mod policy;
+pub mod proxy;
+pub mod telemetry;
+pub mod token;

@@ -1,0 +1,273 @@
+#![forbid(unsafe_code)]
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use flaggate::config::{parse_log_format, Config, Settings};
+use flaggate::policy::Policy;
+use flaggate::token::{self, Digest, Shape};
+use std::io::Read;
+use std::path::PathBuf;
+
+/// A token-checking reverse proxy for Unleash. Without a subcommand, `run` is assumed.
+#[derive(Parser)]
+#[command(name = "flaggate", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gateway (the default)
+    Run(Settings),
+    /// Run the gateway in front of a built-in sample flag server, with demo tokens
+    Demo(DemoArgs),
+    /// Validate the configuration and print it with secrets redacted
+    CheckConfig(Settings),
+    /// Inspect tokens
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Show how the gateway sees a token (kind, projects, reachable routes); never prints the secret.
+    /// Pass `-` to read the token from stdin and keep it out of shell history.
+    Explain {
+        token: String,
+        #[command(flatten)]
+        settings: Settings,
+    },
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Gateway address for the demo
+    #[arg(long, default_value = "127.0.0.1:4243")]
+    listen: String,
+    /// Admin address for the demo
+    #[arg(long, default_value = "127.0.0.1:9243")]
+    admin_listen: String,
+    /// Demo token file [default: config/demo-tokens.yaml if present, else the built-in copy]
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Log format: json or pretty
+    #[arg(long, default_value = "pretty")]
+    log_format: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        None => run(cli.settings),
+        Some(Cmd::Run(s)) => run(s),
+        Some(Cmd::Demo(d)) => demo(d),
+        Some(Cmd::CheckConfig(s)) => check_config(s),
+        Some(Cmd::Token(TokenCmd::Explain { token, settings })) => explain(&token, settings),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("flaggate: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn resolve(settings: &Settings) -> anyhow::Result<Config> {
+    let (cfg, warnings) = settings.resolve()?;
+    flaggate::telemetry::init_logging(cfg.log_format);
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(cfg)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("flaggate")
+        .build()
+        .context("starting the async runtime")
+}
+
+fn run(settings: Settings) -> anyhow::Result<()> {
+    let cfg = resolve(&settings)?;
+    runtime()?.block_on(async move {
+        let running = flaggate::app::start(cfg).await?;
+        wait_for_signal().await;
+        tracing::info!("shutdown requested: readiness is now 503, draining connections");
+        running.shutdown();
+        running.wait().await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn check_config(settings: Settings) -> anyhow::Result<()> {
+    let (cfg, warnings) = settings.resolve()?;
+    for w in warnings {
+        eprintln!("flaggate: warning: {w}");
+    }
+    if let Some(p) = &cfg.token_file {
+        let set = token::file::load_token_file(p)?;
+        println!("# token file {} OK: {} tokens", p.display(), set.len());
+    }
+    print!("{}", cfg.render());
+    Ok(())
+}
+
+fn explain(token_arg: &str, settings: Settings) -> anyhow::Result<()> {
+    let mut buf = String::new();
+    let tok = if token_arg == "-" {
+        std::io::stdin()
+            .read_to_string(&mut buf)
+            .context("reading the token from stdin")?;
+        buf.trim()
+    } else {
+        token_arg
+    };
+    if tok.is_empty() {
+        bail!("empty token");
+    }
+    let digest = Digest::of(tok);
+    println!("fingerprint: {}", digest.fingerprint());
+    match token::parse(tok) {
+        Shape::Pat => println!("shape:       personal access token (user:…)"),
+        Shape::Api {
+            projects,
+            environment,
+        } => {
+            println!("shape:       API token, projects label {projects:?}, environment label {environment:?}")
+        }
+        Shape::Legacy => println!("shape:       legacy token without a project:environment prefix"),
+    }
+    println!("note:        the label is informational; Unleash and flaggate authorize by the whole token");
+    // Without a config we can still say what the label suggests; with one we say what the store says.
+    let entry = match settings.resolve() {
+        Ok((cfg, _)) => match &cfg.token_file {
+            Some(p) => token::file::load_token_file(p)?.get(&digest).cloned(),
+            None => None,
+        },
+        Err(_) if settings.config.is_none() && settings.token_file.is_none() => None,
+        Err(e) => return Err(e.into()),
+    };
+    let policy = match settings.resolve() {
+        Ok((cfg, _)) => Policy::new(cfg.routes),
+        Err(_) => Policy::default(),
+    };
+    let kind = match &entry {
+        Some(info) => {
+            println!(
+                "found:       yes, in the token file ({})",
+                info.source.as_str()
+            );
+            println!("kind:        {}", info.kind);
+            println!("projects:    {}", info.projects.join(", "));
+            println!(
+                "environment: {}",
+                info.environment.as_deref().unwrap_or("(any)")
+            );
+            println!("name:        {}", info.name.as_deref().unwrap_or("(none)"));
+            if let Some(t) = info.expires_at {
+                let expired = info.is_expired_at(token::now_unix());
+                println!(
+                    "expires_at:  {t} (unix){}",
+                    if expired {
+                        " — EXPIRED, will be denied"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Some(info.kind)
+        }
+        None => {
+            println!("found:       not in the configured token file (tokens synced from Unleash are checked at runtime)");
+            token::parse(tok).kind_hint()
+        }
+    };
+    match kind {
+        Some(k) => {
+            let reach: Vec<String> = policy.reachable(k).iter().map(|r| format!("{} ({})", r.name, r.prefix)).collect();
+            println!("may reach:   {}", reach.join(", "));
+        }
+        None => println!("may reach:   depends on its type in the store (client → /api/client, frontend → /api/frontend)"),
+    }
+    Ok(())
+}
+
+fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let format =
+        parse_log_format(&args.log_format).map_err(|e| anyhow::anyhow!("--log-format: {e}"))?;
+    flaggate::telemetry::init_logging(format);
+    runtime()?.block_on(async move {
+        // The sample flag server: loopback, ephemeral port, clearly not Unleash.
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the demo upstream")?;
+        let upstream_addr = upstream.local_addr()?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(flaggate::proxy::server::serve_simple(upstream, flaggate::demo::sample_upstream, stop_rx));
+        tracing::info!(addr = %upstream_addr, "DEMO upstream started: a built-in sample flag server, not Unleash");
+
+        let token_file = match args.token_file {
+            Some(p) => p,
+            None if std::path::Path::new(flaggate::demo::DEMO_TOKENS_PATH).exists() => {
+                PathBuf::from(flaggate::demo::DEMO_TOKENS_PATH)
+            }
+            None => {
+                let dir = std::env::temp_dir().join(format!("flaggate-demo-{}", std::process::id()));
+                std::fs::create_dir_all(&dir)?;
+                let p = dir.join("demo-tokens.yaml");
+                std::fs::write(&p, flaggate::demo::DEMO_TOKENS)?;
+                p
+            }
+        };
+        let settings = Settings {
+            listen: Some(args.listen),
+            admin_listen: Some(args.admin_listen),
+            upstream: Some(format!("http://{upstream_addr}")),
+            token_file: Some(token_file.display().to_string()),
+            log_format: Some(args.log_format),
+            ..Default::default()
+        };
+        let (cfg, _) = settings.resolve()?;
+        let running = flaggate::app::start(cfg).await?;
+        println!("flaggate demo: gateway on http://{}  (admin: http://{}/metrics)", running.proxy_addr, running.admin_addr);
+        println!("flaggate demo: upstream is a built-in SAMPLE flag server on http://{upstream_addr}, not Unleash");
+        println!("flaggate demo: tokens from {} (public demo secrets)", token_file.display());
+        println!("Try these:");
+        for l in flaggate::demo::curl_lines(running.proxy_addr) {
+            println!("  {}   # expect {}: {}", l.command, l.expect, l.why);
+        }
+        println!("flaggate demo: press Ctrl-C to stop");
+        wait_for_signal().await;
+        running.shutdown();
+        let _ = stop_tx.send(true);
+        running.wait().await;
+        Ok(())
+    })
+}

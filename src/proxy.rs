@@ -1,0 +1,216 @@
+//! The request's way through the gateway, in phases (each a small step with one job):
+//!
+//! 1. **canonicalize** — origin-form target → [`CanonicalPath`] or 400;
+//! 2. **authenticate** — `Authorization` → digest → store entry (or none);
+//! 3. **authorize** — rule × method × entry → [`Verdict`]; denials end here and never reach upstream;
+//! 4. **prepare** — hop-by-hop and client copies of our headers removed, `X-Forwarded-*` set;
+//! 5. **forward** — pooled client, bodies streamed both ways, upstream failures → 502/504;
+//! 6. **record** — one access-log line and the metrics, for every request whatever its fate.
+
+pub mod forward;
+pub mod headers;
+pub mod server;
+
+use crate::config::{Config, Upstream};
+use crate::error::{Blame, Decision, Rejection};
+use crate::path::canonicalize;
+use crate::policy::{decide, Policy, Verdict};
+use crate::telemetry::{method_label, Metrics};
+use crate::token::extract::extract;
+use crate::token::store::TokenStore;
+use crate::token::{now_unix, Digest, Fingerprint, TokenKind};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use forward::UpstreamClient;
+use http::header::HOST;
+use http::{Request, Response, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Everything a request handler needs, shared by all connections.
+pub struct Gateway {
+    pub policy: ArcSwap<Policy>,
+    pub store: Arc<TokenStore>,
+    pub metrics: Arc<Metrics>,
+    client: UpstreamClient,
+    upstream: Upstream,
+    upstream_timeout: Duration,
+}
+
+impl Gateway {
+    pub fn new(cfg: &Config, store: Arc<TokenStore>, metrics: Arc<Metrics>) -> Gateway {
+        Gateway {
+            policy: ArcSwap::from_pointee(Policy::new(cfg.routes.clone())),
+            store,
+            metrics,
+            client: forward::build_client(cfg.upstream_connect_timeout),
+            upstream: cfg.upstream.clone(),
+            upstream_timeout: cfg.upstream_timeout,
+        }
+    }
+}
+
+/// What the record phase knows about a request.
+struct Outcome {
+    route_class: Arc<str>,
+    token: Option<(Fingerprint, Option<TokenKind>)>,
+    upstream_time: Option<Duration>,
+    path: Option<String>,
+}
+
+/// The service function: never fails, every error becomes a response in [`Rejection::into_response`].
+pub async fn handle(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let started = Instant::now();
+    gw.metrics.inflight.inc();
+    let method = req.method().clone();
+    let app = req
+        .headers()
+        .get("unleash-appname")
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.chars().take(64).collect::<String>());
+    let mut out = Outcome {
+        route_class: Arc::from("none"),
+        token: None,
+        upstream_time: None,
+        path: None,
+    };
+    let result = run_phases(&gw, req, peer, &mut out).await;
+    let (resp, decision, rejection) = match result {
+        Ok(resp) => (resp, Decision::Allowed, None),
+        Err(rej) => (
+            rej.into_response().map(Either::Right),
+            rej.decision(),
+            Some(rej),
+        ),
+    };
+
+    // 6. record
+    let elapsed = started.elapsed();
+    let gateway_time = elapsed.saturating_sub(out.upstream_time.unwrap_or_default());
+    let status = resp.status();
+    let m = &gw.metrics;
+    m.inflight.dec();
+    m.requests
+        .with_label_values(&[
+            &out.route_class,
+            method_label(&method),
+            status.as_str(),
+            decision.as_str(),
+        ])
+        .inc();
+    m.duration_for(&out.route_class)
+        .observe(gateway_time.as_secs_f64());
+    if let Some(t) = out.upstream_time {
+        m.upstream_duration
+            .with_label_values(&[&out.route_class])
+            .observe(t.as_secs_f64());
+    }
+    let fingerprint = out.token.map(|(f, _)| f.to_string());
+    let kind = out.token.and_then(|(_, k)| k).map(TokenKind::as_str);
+    let reason = rejection.as_ref().map(|r| r.code());
+    let detail = rejection
+        .as_ref()
+        .filter(|r| r.blame() != Blame::Downstream)
+        .map(|r| r.to_string());
+    tracing::info!(
+        target: "flaggate::access",
+        method = %method,
+        path = out.path.as_deref().unwrap_or("-"),
+        status = status.as_u16(),
+        decision = decision.as_str(),
+        route_class = &*out.route_class,
+        reason,
+        token = fingerprint.as_deref(),
+        token_kind = kind,
+        app = app.as_deref(),
+        gateway_us = gateway_time.as_micros() as u64,
+        upstream_us = out.upstream_time.map(|t| t.as_micros() as u64),
+        error = detail.as_deref(),
+        "request"
+    );
+    Ok(resp)
+}
+
+async fn run_phases(
+    gw: &Gateway,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    out: &mut Outcome,
+) -> Result<Response<ProxyBody>, Rejection> {
+    let (mut parts, body) = req.into_parts();
+    let uri = std::mem::take(&mut parts.uri);
+
+    // 1. canonicalize. HTTP/2 always carries scheme and authority; HTTP/1 only in absolute-form, which
+    // names a host the client wants and is refused rather than silently re-targeted.
+    if parts.version < Version::HTTP_2 && (uri.scheme().is_some() || uri.authority().is_some()) {
+        return Err(Rejection::NotOriginForm);
+    }
+    let path = canonicalize(uri.path()).map_err(Rejection::BadPath)?;
+    out.path = Some(path.as_str().to_owned());
+    let policy = gw.policy.load();
+    let rule = policy.route(&path);
+    out.route_class = rule.name.clone();
+
+    // 2. authenticate
+    let token = extract(&parts.headers).map_err(Rejection::BadAuthorization)?;
+    let presented = token.is_some();
+    let entry = token.and_then(|t| {
+        let digest = Digest::of(t);
+        let entry = gw.store.lookup(&digest);
+        out.token = Some((digest.fingerprint(), entry.as_ref().map(|e| e.kind)));
+        let result = if entry.is_some() { "hit" } else { "miss" };
+        gw.metrics
+            .token_cache_lookups
+            .with_label_values(&[result])
+            .inc();
+        entry
+    });
+
+    // 3. authorize
+    let verdict = decide(rule, &parts.method, presented, entry.as_deref(), now_unix());
+    if let Some(rej) = Rejection::from_verdict(verdict, rule.denial) {
+        return Err(rej);
+    }
+    debug_assert!(matches!(verdict, Verdict::Allow | Verdict::Preflight));
+
+    // 4. prepare
+    let mut hosts = parts.headers.get_all(HOST).iter();
+    let host = hosts.next().cloned().or_else(|| {
+        uri.authority()
+            .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+    });
+    if hosts.next().is_some() {
+        return Err(Rejection::DuplicateHost);
+    }
+    headers::strip_hop_by_hop(&mut parts.headers);
+    headers::strip_gateway_set(&mut parts.headers);
+    parts.headers.remove(HOST);
+    headers::set_forwarded(&mut parts.headers, peer.ip(), "http", host);
+    parts.uri = forward::upstream_uri(&gw.upstream, &path, uri.query())?;
+    parts.version = Version::HTTP_11;
+
+    // 5. forward
+    let sent = Instant::now();
+    let result = tokio::time::timeout(
+        gw.upstream_timeout,
+        gw.client.request(Request::from_parts(parts, body)),
+    )
+    .await;
+    out.upstream_time = Some(sent.elapsed());
+    let resp = result
+        .map_err(|_| Rejection::UpstreamTimeout(gw.upstream_timeout))?
+        .map_err(forward::classify)?;
+    let (mut rparts, rbody) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut rparts.headers);
+    Ok(Response::from_parts(rparts, Either::Left(rbody)))
+}

@@ -1,0 +1,74 @@
+//! The upstream side: one pooled client, the forwarded URI, and what upstream failures mean.
+
+use crate::config::Upstream;
+use crate::error::Rejection;
+use crate::path::CanonicalPath;
+use http::uri::PathAndQuery;
+use http::Uri;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::time::Duration;
+
+pub type UpstreamClient = Client<HttpConnector, Incoming>;
+
+/// Keep-alive pool sized for SDK fan-in: many short requests to one host.
+pub fn build_client(connect_timeout: Duration) -> UpstreamClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.enforce_http(true);
+    Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(512)
+        .build(connector)
+}
+
+/// `upstream + canonical path + untouched query`: the authorized path, byte for byte.
+pub fn upstream_uri(
+    up: &Upstream,
+    path: &CanonicalPath<'_>,
+    query: Option<&str>,
+) -> Result<Uri, Rejection> {
+    let mut pq = String::with_capacity(
+        up.base_path.len() + path.as_str().len() + query.map_or(0, |q| q.len() + 1),
+    );
+    pq.push_str(&up.base_path);
+    pq.push_str(path.as_str());
+    if let Some(q) = query {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    let pq = PathAndQuery::from_maybe_shared(pq)
+        .map_err(|e| Rejection::Internal(format!("forward URI: {e}")))?;
+    Uri::builder()
+        .scheme(up.scheme.clone())
+        .authority(up.authority.clone())
+        .path_and_query(pq)
+        .build()
+        .map_err(|e| Rejection::Internal(format!("forward URI: {e}")))
+}
+
+/// Sorts a client error: connect timed out (504), could not connect (502), connection broke (502).
+pub fn classify(err: hyper_util::client::legacy::Error) -> Rejection {
+    let mut detail = err.to_string();
+    let mut timed_out = false;
+    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&err);
+    while let Some(s) = src {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        timed_out |= s
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
+        src = s.source();
+    }
+    if timed_out {
+        Rejection::UpstreamConnectTimeout(detail)
+    } else if err.is_connect() {
+        Rejection::UpstreamConnect(detail)
+    } else {
+        Rejection::UpstreamFailed(detail)
+    }
+}

@@ -1,0 +1,154 @@
+//! Header hygiene, as small pure functions. A proxy that lets the client decide which headers it drops
+//! (Traefik CVE-2021-32813, CVE-2024-45410) or which forwarding headers it trusts is not a gate.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use std::net::IpAddr;
+
+/// Hop-by-hop fields (RFC 9110 §7.6.1, plus the non-standard `Keep-Alive` and `Proxy-Connection` that
+/// RFC 9110 tells intermediaries to treat the same way). They describe one connection, never the next.
+pub const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Headers the gateway sets itself: every client copy is removed before ours are added (RFC 7239 §8.2,
+/// forwarding headers must not be trusted from an untrusted hop).
+pub const GATEWAY_SET: [HeaderName; 6] = [
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-request-id"),
+];
+
+/// Removes the fields named in `Connection` (RFC 9110 §7.6.1: "a proxy MUST parse the Connection
+/// header field … and remove any header field(s) … with the same name") and then the fixed hop-by-hop
+/// set. Names we must keep (`Authorization`, `Host` handled elsewhere) are only dropped if the client
+/// listed them, which then simply yields a request without them, never one with ours missing.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let listed: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in listed {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Removes client copies of headers the gateway sets, including `_` spellings: some servers and
+/// frameworks fold `X_Forwarded_For` into `X-Forwarded-For`, so the variant would smuggle a value past us.
+pub fn strip_gateway_set(headers: &mut HeaderMap) {
+    for name in &GATEWAY_SET {
+        headers.remove(name);
+    }
+    if headers.keys().any(|k| k.as_str().contains('_')) {
+        let variants: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| {
+                let dashed = k.as_str().replace('_', "-");
+                GATEWAY_SET.iter().any(|g| g.as_str() == dashed)
+                    || dashed == "authorization"
+                    || dashed == "host"
+            })
+            .cloned()
+            .collect();
+        for name in variants {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Sets the de-facto forwarding headers from what the gateway itself observed.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    client_ip: IpAddr,
+    proto: &'static str,
+    host: Option<HeaderValue>,
+) {
+    if let Ok(v) = HeaderValue::from_str(&client_ip.to_string()) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(proto),
+    );
+    if let Some(h) = host {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), h);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn connection_listed_and_hop_by_hop_are_removed() {
+        let mut h = map(&[
+            ("connection", "close, X-Custom , keep-alive"),
+            ("connection", "x-other"),
+            ("x-custom", "1"),
+            ("x-other", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "keep-alive"),
+            ("unleash-appname", "app"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(
+            h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            vec!["unleash-appname"]
+        );
+    }
+
+    #[test]
+    fn client_copies_of_our_headers_are_removed_in_every_spelling() {
+        let mut h = map(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("X_Forwarded_For", "6.6.6.6"),
+            ("x_forwarded_host", "evil"),
+            ("forwarded", "for=6.6.6.6"),
+            ("x-real-ip", "6.6.6.6"),
+            ("accept", "*/*"),
+        ]);
+        strip_gateway_set(&mut h);
+        set_forwarded(
+            &mut h,
+            "10.0.0.1".parse().unwrap(),
+            "http",
+            Some(HeaderValue::from_static("gw")),
+        );
+        assert_eq!(
+            h.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+            vec!["10.0.0.1"]
+        );
+        assert_eq!(h["x-forwarded-host"], "gw");
+        assert_eq!(h.len(), 4);
+    }
+}

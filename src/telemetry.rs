@@ -1,0 +1,173 @@
+//! What operators see: the Prometheus registry with every metric handle, and the tracing subscriber.
+//! Label values are always from bounded sets (rule names, decisions, a fixed method list); never a token
+//! or a raw path.
+
+use crate::config::LogFormat;
+use crate::token::store::TokenStore;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_duration: HistogramVec,
+    pub inflight: IntGauge,
+    pub tokens: IntGaugeVec,
+    pub token_source_updates: IntCounterVec,
+    pub token_cache_lookups: IntCounterVec,
+}
+
+/// Latency buckets from 50 µs (the gateway's own work) to 10 s (a slow upstream).
+const BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    // Metric definitions are static; a failure here is a programming error caught by every test run.
+    r.unwrap_or_else(|e| panic!("metric definition: {e}"))
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let requests = must(IntCounterVec::new(
+            Opts::new(
+                "flaggate_requests_total",
+                "Requests handled, by route class, method, status and decision",
+            ),
+            &["route_class", "method", "status", "decision"],
+        ));
+        let request_duration = must(HistogramVec::new(
+            HistogramOpts::new(
+                "flaggate_request_duration_seconds",
+                "Time spent inside the gateway per request, excluding the wait for upstream",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["route_class"],
+        ));
+        let upstream_duration = must(HistogramVec::new(
+            HistogramOpts::new(
+                "flaggate_upstream_duration_seconds",
+                "Time from forwarding to upstream response headers",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["route_class"],
+        ));
+        let inflight = must(IntGauge::new(
+            "flaggate_inflight_requests",
+            "Requests currently being handled",
+        ));
+        let tokens = must(IntGaugeVec::new(
+            Opts::new("flaggate_tokens", "Tokens in the store, by kind and source"),
+            &["kind", "source"],
+        ));
+        let token_source_updates = must(IntCounterVec::new(
+            Opts::new(
+                "flaggate_token_source_updates_total",
+                "Token source loads, by source and result",
+            ),
+            &["source", "result"],
+        ));
+        let token_cache_lookups = must(IntCounterVec::new(
+            Opts::new(
+                "flaggate_token_cache_lookups_total",
+                "Token store lookups by result (hit, miss)",
+            ),
+            &["result"],
+        ));
+        let build_info = must(IntGaugeVec::new(
+            Opts::new("flaggate_build_info", "Build information; always 1"),
+            &["version"],
+        ));
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(upstream_duration.clone()),
+            Box::new(inflight.clone()),
+            Box::new(tokens.clone()),
+            Box::new(token_source_updates.clone()),
+            Box::new(token_cache_lookups.clone()),
+            Box::new(build_info),
+        ] {
+            must(registry.register(c));
+        }
+        #[cfg(target_os = "linux")]
+        must(registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::new(
+                std::process::id() as i32,
+                "flaggate",
+            ),
+        )));
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_duration,
+            inflight,
+            tokens,
+            token_source_updates,
+            token_cache_lookups,
+        }
+    }
+
+    /// Prometheus text exposition, with gauges that are cheaper to read than to maintain refreshed first.
+    pub fn render(&self, store: &TokenStore) -> Vec<u8> {
+        self.tokens.reset();
+        for (kind, source, n) in store.counts() {
+            self.tokens
+                .with_label_values(&[kind.as_str(), source.as_str()])
+                .set(n as i64);
+        }
+        let mut out = Vec::with_capacity(16 * 1024);
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+
+    pub fn duration_for(&self, route_class: &str) -> Histogram {
+        self.request_duration.with_label_values(&[route_class])
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Bounded method label: the methods SDKs and tools use, everything else is `other`.
+pub fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::PATCH => "PATCH",
+        http::Method::DELETE => "DELETE",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Installs the global subscriber: `RUST_LOG`-style filter (default `info`), json or pretty lines.
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+        LogFormat::Pretty => builder.compact().try_init(),
+    };
+}

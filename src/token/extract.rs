@@ -31,6 +31,9 @@ pub fn extract(headers: &HeaderMap) -> Result<Option<&str>, ExtractError> {
 /// surrounding whitespace ignored as RFC 9110 §5.5 says field values' leading/trailing whitespace is.
 pub fn token_from_value(value: &str) -> Option<&str> {
     let value = value.trim_matches([' ', '\t']);
+    if value.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
     let token = match value.get(..7) {
         Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => {
             value[7..].trim_start_matches([' ', '\t'])

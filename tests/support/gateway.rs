@@ -1,0 +1,130 @@
+//! `gateway().upstream(&mock).token(..).start().await`: the real gateway, in process, on port 0.
+
+use flaggate::app::Running;
+use flaggate::config::Settings;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug)]
+pub struct TokenSpec {
+    pub secret: String,
+    pub kind: String,
+    pub expires_at: Option<String>,
+}
+
+impl TokenSpec {
+    pub fn new(secret: &str, kind: &str) -> TokenSpec {
+        TokenSpec {
+            secret: secret.into(),
+            kind: kind.into(),
+            expires_at: None,
+        }
+    }
+    pub fn expires(mut self, at: &str) -> TokenSpec {
+        self.expires_at = Some(at.into());
+        self
+    }
+}
+
+/// Renders a token file in the documented YAML format.
+pub fn token_yaml(tokens: &[TokenSpec]) -> String {
+    let mut s = String::from("tokens:\n");
+    for t in tokens {
+        s.push_str(&format!(
+            "  - secret: {:?}\n    type: {}\n",
+            t.secret, t.kind
+        ));
+        if let Some(e) = &t.expires_at {
+            s.push_str(&format!("    expires_at: {e}\n"));
+        }
+    }
+    s
+}
+
+pub struct Builder {
+    upstream: Option<String>,
+    tokens: Vec<TokenSpec>,
+    config_toml: Option<String>,
+    settings: Settings,
+}
+
+pub fn gateway() -> Builder {
+    Builder {
+        upstream: None,
+        tokens: Vec::new(),
+        config_toml: None,
+        settings: Settings::default(),
+    }
+}
+
+impl Builder {
+    pub fn upstream(mut self, url: impl Into<String>) -> Self {
+        self.upstream = Some(url.into());
+        self
+    }
+    pub fn token(mut self, secret: &str, kind: &str) -> Self {
+        self.tokens.push(TokenSpec::new(secret, kind));
+        self
+    }
+    pub fn token_spec(mut self, t: TokenSpec) -> Self {
+        self.tokens.push(t);
+        self
+    }
+    /// Extra TOML for the config file (e.g. `[[routes]]`).
+    pub fn config(mut self, toml: &str) -> Self {
+        self.config_toml = Some(toml.into());
+        self
+    }
+    pub fn settings(mut self, f: impl FnOnce(&mut Settings)) -> Self {
+        f(&mut self.settings);
+        self
+    }
+
+    pub async fn start(self) -> TestGateway {
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("tokens.yaml");
+        std::fs::write(&token_file, token_yaml(&self.tokens)).unwrap();
+        let mut s = self.settings;
+        s.listen.get_or_insert_with(|| "127.0.0.1:0".into());
+        s.admin_listen.get_or_insert_with(|| "127.0.0.1:0".into());
+        s.upstream = Some(self.upstream.unwrap_or_else(|| "http://127.0.0.1:9".into()));
+        s.token_file
+            .get_or_insert_with(|| token_file.display().to_string());
+        if let Some(toml) = self.config_toml {
+            let p = dir.path().join("flaggate.toml");
+            std::fs::write(&p, toml).unwrap();
+            s.config = Some(p);
+        }
+        let (cfg, _) = s.resolve().expect("test config is valid");
+        let running = flaggate::app::start(cfg).await.expect("gateway starts");
+        TestGateway {
+            addr: running.proxy_addr,
+            admin: running.admin_addr,
+            token_file,
+            running: Some(running),
+            dir,
+        }
+    }
+}
+
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub token_file: PathBuf,
+    pub running: Option<Running>,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestGateway {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(r) = &self.running {
+            r.shutdown();
+        }
+    }
+}

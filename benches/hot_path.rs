@@ -1,1 +1,95 @@
-fn main() {}
+//! Criterion benchmarks for the pure functions every request runs through, compared side by side.
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use flaggate::path::canonicalize;
+use flaggate::policy::{decide, Policy};
+use flaggate::proxy::headers::{strip_gateway_set, strip_hop_by_hop};
+use flaggate::token::extract::extract;
+use flaggate::token::store::{TokenSet, TokenStore};
+use flaggate::token::{Digest, TokenInfo, TokenKind, TokenSource};
+use http::{HeaderMap, HeaderValue, Method};
+use std::sync::Arc;
+
+const TOKEN: &str = "*:development.66ef8778ad0df979785e382aca6edd2ca06181d44add8325306afe17";
+
+fn store_with(n: usize) -> TokenStore {
+    let store = TokenStore::new();
+    let mut set = TokenSet::with_capacity(n + 1);
+    for i in 0..=n {
+        let secret = if i == n { TOKEN.to_string() } else { format!("*:development.{i:056x}") };
+        let d = Digest::of(&secret);
+        set.insert(
+            d,
+            Arc::new(TokenInfo {
+                kind: TokenKind::Client,
+                projects: Arc::from(vec!["*".to_string()]),
+                environment: Some("development".into()),
+                name: None,
+                expires_at: None,
+                fingerprint: d.fingerprint(),
+                source: TokenSource::File,
+            }),
+        );
+    }
+    store.replace_source(TokenSource::File, set);
+    store
+}
+
+fn sdk_headers() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    for (k, v) in [
+        ("authorization", TOKEN),
+        ("unleash-appname", "checkout"),
+        ("unleash-instanceid", "checkout-1"),
+        ("unleash-sdk", "unleash-node-sdk:6.12.1"),
+        ("unleash-connection-id", "cdeb1d5f-7213-4217-accc-f0dbf9f71e95"),
+        ("accept", "*/*"),
+        ("accept-encoding", "gzip,deflate"),
+        ("connection", "keep-alive"),
+        ("host", "flaggate:4243"),
+    ] {
+        h.insert(k, HeaderValue::from_static(v));
+    }
+    h
+}
+
+fn bench(c: &mut Criterion) {
+    let store = store_with(10_000);
+    let policy = Policy::default();
+    let headers = sdk_headers();
+    let mut g = c.benchmark_group("hot_path");
+    g.bench_function("canonicalize", |b| b.iter(|| canonicalize(black_box("/api/client/features")).is_ok()));
+    g.bench_function("extract_digest_lookup", |b| {
+        b.iter(|| {
+            let t = extract(black_box(&headers)).ok().flatten().unwrap_or("");
+            store.lookup(&Digest::of(t)).is_some()
+        })
+    });
+    let path = canonicalize("/api/client/features").unwrap();
+    let entry = store.lookup(&Digest::of(TOKEN)).unwrap();
+    g.bench_function("route_and_decide", |b| {
+        b.iter(|| decide(policy.route(black_box(&path)), &Method::GET, true, Some(&entry), 0))
+    });
+    g.bench_function("header_hygiene", |b| {
+        b.iter_batched(
+            || headers.clone(),
+            |mut h| {
+                strip_hop_by_hop(&mut h);
+                strip_gateway_set(&mut h);
+                h
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("auth_total", |b| {
+        b.iter(|| {
+            let p = canonicalize(black_box("/api/client/features")).unwrap();
+            let t = extract(black_box(&headers)).ok().flatten().unwrap_or("");
+            let e = store.lookup(&Digest::of(t));
+            decide(policy.route(&p), &Method::GET, true, e.as_deref(), 0)
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

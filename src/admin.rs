@@ -4,6 +4,7 @@
 use crate::error::json_response;
 use crate::telemetry::Metrics;
 use crate::token::store::TokenStore;
+use crate::token::unleash::SyncStatus;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -17,6 +18,14 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set at the start of shutdown so load balancers stop sending before we stop accepting.
     pub draining: AtomicBool,
+    /// Present in Unleash-sync mode.
+    pub sync: Option<Arc<SyncStatus>>,
+}
+
+impl AdminState {
+    fn sync_age(&self) -> Option<f64> {
+        self.sync.as_ref().and_then(|s| s.age_seconds())
+    }
 }
 
 pub async fn handle<B>(
@@ -33,7 +42,7 @@ pub async fn handle<B>(
         "/health" => json_response(StatusCode::OK, &json!({"health": "GOOD"})),
         "/ready" => ready(&state),
         "/metrics" => {
-            let body = state.metrics.render(&state.store);
+            let body = state.metrics.render(&state.store, state.sync_age());
             let mut r = Response::new(Full::new(Bytes::from(body)));
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,
@@ -61,5 +70,8 @@ fn ready(state: &AdminState) -> Response<Full<Bytes>> {
             &json!({"ready": false, "reason": "no token set loaded yet"}),
         );
     }
-    json_response(StatusCode::OK, &json!({"ready": true}))
+    json_response(
+        StatusCode::OK,
+        &json!({"ready": true, "last_sync_age_seconds": state.sync_age()}),
+    )
 }

@@ -3,10 +3,12 @@
 use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::proxy::server::{serve_proxy, serve_simple, ConnLimits};
-use crate::proxy::Gateway;
+use crate::proxy::{Gateway, UnleashMode};
 use crate::telemetry::Metrics;
 use crate::token::file::{apply_token_file, watch_token_file, TokenFileError};
+use crate::token::pat::{PatLimits, PatValidator};
 use crate::token::store::TokenStore;
+use crate::token::unleash::{control_client, UnleashSync};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -24,6 +26,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     TokenFile(#[from] TokenFileError),
+    #[error("Unleash sync: {0}")]
+    Unleash(String),
     #[error("cannot watch token file {path}: {source}")]
     Watch { path: String, source: notify::Error },
 }
@@ -89,13 +93,42 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             source,
         })?;
 
-    let gateway = Arc::new(Gateway::new(&cfg, store.clone(), metrics.clone()));
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut unleash = None;
+    if let Some(token) = &cfg.upstream_token {
+        let client = control_client(cfg.upstream_connect_timeout);
+        let bad = |reason: String| StartError::Unleash(reason);
+        let sync = Arc::new(
+            UnleashSync::new(
+                client.clone(),
+                &cfg.upstream,
+                token,
+                cfg.sync_interval,
+                store.clone(),
+                metrics.clone(),
+                cfg.state_dir.clone(),
+            )
+            .map_err(bad)?,
+        );
+        let limits = PatLimits {
+            positive_ttl: cfg.sync_interval,
+            negative_capacity: cfg.pat_negative_cache_size,
+            negative_ttl: cfg.pat_negative_ttl,
+            rate_per_sec: cfg.pat_rate_limit,
+        };
+        let pat = PatValidator::new(client, &cfg.upstream, limits, metrics.clone()).map_err(bad)?;
+        tasks.push(tokio::spawn(sync.clone().run(stop_rx.clone())));
+        unleash = Some(UnleashMode { sync, pat });
+    }
+    let sync_status = unleash.as_ref().map(|u| u.sync.status.clone());
+    let gateway = Arc::new(Gateway::new(&cfg, store.clone(), metrics.clone(), unleash));
     let admin = Arc::new(AdminState {
         store: store.clone(),
         metrics: metrics.clone(),
         draining: Default::default(),
+        sync: sync_status,
     });
-    let (stop, stop_rx) = watch::channel(false);
     let limits = ConnLimits {
         header_read_timeout: cfg.header_read_timeout,
     };

@@ -85,6 +85,9 @@ pub struct Config {
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
     pub header_read_timeout: Duration,
+    pub pat_rate_limit: u32,
+    pub pat_negative_cache_size: u64,
+    pub pat_negative_ttl: Duration,
     pub routes: Vec<Rule>,
 }
 
@@ -107,6 +110,9 @@ pub(crate) struct FileSettings {
     pub upstream_connect_timeout: Option<String>,
     pub upstream_timeout: Option<String>,
     pub header_read_timeout: Option<String>,
+    pub pat_rate_limit: Option<String>,
+    pub pat_negative_cache_size: Option<String>,
+    pub pat_negative_ttl: Option<String>,
     #[serde(default)]
     pub routes: Vec<FileRule>,
 }
@@ -134,6 +140,15 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err("must be greater than zero".into());
     }
     Ok(d)
+}
+
+pub(crate) fn parse_count<T: std::str::FromStr + PartialOrd + Default>(
+    s: &str,
+) -> Result<T, String> {
+    match s.trim().parse::<T>() {
+        Ok(v) if v > T::default() => Ok(v),
+        _ => Err(format!("`{s}` is not a positive whole number")),
+    }
 }
 
 pub fn parse_log_format(s: &str) -> Result<LogFormat, String> {

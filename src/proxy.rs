@@ -17,8 +17,10 @@ use crate::path::canonicalize;
 use crate::policy::{decide, Policy, Verdict};
 use crate::telemetry::{method_label, Metrics};
 use crate::token::extract::extract;
+use crate::token::pat::PatValidator;
 use crate::token::store::TokenStore;
-use crate::token::{now_unix, Digest, Fingerprint, TokenKind};
+use crate::token::unleash::UnleashSync;
+use crate::token::{now_unix, Digest, Fingerprint, TokenInfo, TokenKind};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use forward::UpstreamClient;
@@ -41,11 +43,42 @@ pub struct Gateway {
     client: UpstreamClient,
     upstream: Upstream,
     upstream_timeout: Duration,
+    unleash: Option<UnleashMode>,
+}
+
+/// What a store miss may still consult in Unleash-sync mode.
+pub struct UnleashMode {
+    pub sync: Arc<UnleashSync>,
+    pub pat: PatValidator,
+}
+
+impl UnleashMode {
+    /// A PAT is asked about (rate-capped, coalesced, negatively cached); any other unknown token may pull
+    /// the next token sync forward (debounced) and is then looked up once more.
+    async fn resolve_miss(
+        &self,
+        store: &TokenStore,
+        token: &str,
+        digest: Digest,
+    ) -> Option<Arc<TokenInfo>> {
+        if token.starts_with("user:") {
+            self.pat.check(token, digest).await
+        } else {
+            self.sync.on_miss().await;
+            store.lookup(&digest)
+        }
+    }
 }
 
 impl Gateway {
-    pub fn new(cfg: &Config, store: Arc<TokenStore>, metrics: Arc<Metrics>) -> Gateway {
+    pub fn new(
+        cfg: &Config,
+        store: Arc<TokenStore>,
+        metrics: Arc<Metrics>,
+        unleash: Option<UnleashMode>,
+    ) -> Gateway {
         Gateway {
+            unleash,
             policy: ArcSwap::from_pointee(Policy::new(cfg.routes.clone())),
             store,
             metrics,
@@ -164,17 +197,20 @@ async fn run_phases(
     // 2. authenticate
     let token = extract(&parts.headers).map_err(Rejection::BadAuthorization)?;
     let presented = token.is_some();
-    let entry = token.and_then(|t| {
+    let mut entry = None;
+    if let Some(t) = token {
         let digest = Digest::of(t);
-        let entry = gw.store.lookup(&digest);
-        out.token = Some((digest.fingerprint(), entry.as_ref().map(|e| e.kind)));
+        entry = gw.store.lookup(&digest);
         let result = if entry.is_some() { "hit" } else { "miss" };
         gw.metrics
             .token_cache_lookups
             .with_label_values(&[result])
             .inc();
-        entry
-    });
+        if let (None, Some(unleash)) = (&entry, &gw.unleash) {
+            entry = unleash.resolve_miss(&gw.store, t, digest).await;
+        }
+        out.token = Some((digest.fingerprint(), entry.as_ref().map(|e| e.kind)));
+    }
 
     // 3. authorize
     let verdict = decide(rule, &parts.method, presented, entry.as_deref(), now_unix());

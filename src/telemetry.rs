@@ -5,8 +5,8 @@
 use crate::config::LogFormat;
 use crate::token::store::TokenStore;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -18,6 +18,11 @@ pub struct Metrics {
     pub tokens: IntGaugeVec,
     pub token_source_updates: IntCounterVec,
     pub token_cache_lookups: IntCounterVec,
+    pub token_sync: IntCounterVec,
+    pub token_sync_duration: Histogram,
+    pub token_sync_last_success: Gauge,
+    pub token_sync_age: Gauge,
+    pub pat_validations: IntCounterVec,
 }
 
 /// Latency buckets from 50 µs (the gateway's own work) to 10 s (a slow upstream).
@@ -79,6 +84,35 @@ impl Metrics {
             ),
             &["result"],
         ));
+        let token_sync = must(IntCounterVec::new(
+            Opts::new(
+                "flaggate_token_sync_total",
+                "Token list syncs from Unleash by result (ok, unchanged, error, rejected)",
+            ),
+            &["result"],
+        ));
+        let token_sync_duration = must(Histogram::with_opts(
+            HistogramOpts::new(
+                "flaggate_token_sync_duration_seconds",
+                "Duration of one token list sync",
+            )
+            .buckets(vec![0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+        ));
+        let token_sync_last_success = must(Gauge::new(
+            "flaggate_token_sync_last_success_timestamp_seconds",
+            "Unix time of the last successful token sync (0 = never)",
+        ));
+        let token_sync_age = must(Gauge::new(
+            "flaggate_token_sync_age_seconds",
+            "Seconds since the last successful token sync (-1 = never); how stale the served set may be",
+        ));
+        let pat_validations = must(IntCounterVec::new(
+            Opts::new(
+                "flaggate_pat_validations_total",
+                "PAT checks by result (valid, invalid, cached_invalid, rate_limited, error)",
+            ),
+            &["result"],
+        ));
         let build_info = must(IntGaugeVec::new(
             Opts::new("flaggate_build_info", "Build information; always 1"),
             &["version"],
@@ -94,6 +128,11 @@ impl Metrics {
             Box::new(tokens.clone()),
             Box::new(token_source_updates.clone()),
             Box::new(token_cache_lookups.clone()),
+            Box::new(token_sync.clone()),
+            Box::new(token_sync_duration.clone()),
+            Box::new(token_sync_last_success.clone()),
+            Box::new(token_sync_age.clone()),
+            Box::new(pat_validations.clone()),
             Box::new(build_info),
         ] {
             must(registry.register(c));
@@ -114,11 +153,17 @@ impl Metrics {
             tokens,
             token_source_updates,
             token_cache_lookups,
+            token_sync,
+            token_sync_duration,
+            token_sync_last_success,
+            token_sync_age,
+            pat_validations,
         }
     }
 
     /// Prometheus text exposition, with gauges that are cheaper to read than to maintain refreshed first.
-    pub fn render(&self, store: &TokenStore) -> Vec<u8> {
+    pub fn render(&self, store: &TokenStore, sync_age: Option<f64>) -> Vec<u8> {
+        self.token_sync_age.set(sync_age.unwrap_or(-1.0));
         self.tokens.reset();
         for (kind, source, n) in store.counts() {
             self.tokens

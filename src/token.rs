@@ -7,7 +7,10 @@
 
 pub mod extract;
 pub mod file;
+pub mod pat;
+pub mod snapshot;
 pub mod store;
+pub mod unleash;
 
 use sha2::{Digest as _, Sha256};
 use std::fmt;

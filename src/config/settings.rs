@@ -51,6 +51,15 @@ pub struct Settings {
     /// Time a client has to send its request headers [default: 10s]
     #[arg(long, env = "FLAGGATE_HEADER_READ_TIMEOUT", value_name = "DURATION")]
     pub header_read_timeout: Option<String>,
+    /// Most PAT checks per second sent to Unleash (Unleash-sync mode) [default: 10]
+    #[arg(long, env = "FLAGGATE_PAT_RATE_LIMIT", value_name = "N")]
+    pub pat_rate_limit: Option<String>,
+    /// How many refused PATs are remembered [default: 10000]
+    #[arg(long, env = "FLAGGATE_PAT_NEGATIVE_CACHE_SIZE", value_name = "N")]
+    pub pat_negative_cache_size: Option<String>,
+    /// How long a refused PAT is remembered [default: 60s]
+    #[arg(long, env = "FLAGGATE_PAT_NEGATIVE_TTL", value_name = "DURATION")]
+    pub pat_negative_ttl: Option<String>,
 }
 
 /// Flag/env names of each key, for error messages.
@@ -246,6 +255,27 @@ impl Settings {
                 &self.header_read_timeout,
                 &file.header_read_timeout,
                 Some("10s"),
+                parse_duration,
+            )?),
+            pat_rate_limit: must(l.pick(
+                "pat_rate_limit",
+                &self.pat_rate_limit,
+                &file.pat_rate_limit,
+                Some("10"),
+                parse_count,
+            )?),
+            pat_negative_cache_size: must(l.pick(
+                "pat_negative_cache_size",
+                &self.pat_negative_cache_size,
+                &file.pat_negative_cache_size,
+                Some("10000"),
+                parse_count,
+            )?),
+            pat_negative_ttl: must(l.pick(
+                "pat_negative_ttl",
+                &self.pat_negative_ttl,
+                &file.pat_negative_ttl,
+                Some("60s"),
                 parse_duration,
             )?),
             routes,

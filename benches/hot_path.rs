@@ -15,7 +15,11 @@ fn store_with(n: usize) -> TokenStore {
     let store = TokenStore::new();
     let mut set = TokenSet::with_capacity(n + 1);
     for i in 0..=n {
-        let secret = if i == n { TOKEN.to_string() } else { format!("*:development.{i:056x}") };
+        let secret = if i == n {
+            TOKEN.to_string()
+        } else {
+            format!("*:development.{i:056x}")
+        };
         let d = Digest::of(&secret);
         set.insert(
             d,
@@ -41,7 +45,10 @@ fn sdk_headers() -> HeaderMap {
         ("unleash-appname", "checkout"),
         ("unleash-instanceid", "checkout-1"),
         ("unleash-sdk", "unleash-node-sdk:6.12.1"),
-        ("unleash-connection-id", "cdeb1d5f-7213-4217-accc-f0dbf9f71e95"),
+        (
+            "unleash-connection-id",
+            "cdeb1d5f-7213-4217-accc-f0dbf9f71e95",
+        ),
         ("accept", "*/*"),
         ("accept-encoding", "gzip,deflate"),
         ("connection", "keep-alive"),
@@ -57,7 +64,9 @@ fn bench(c: &mut Criterion) {
     let policy = Policy::default();
     let headers = sdk_headers();
     let mut g = c.benchmark_group("hot_path");
-    g.bench_function("canonicalize", |b| b.iter(|| canonicalize(black_box("/api/client/features")).is_ok()));
+    g.bench_function("canonicalize", |b| {
+        b.iter(|| canonicalize(black_box("/api/client/features")).is_ok())
+    });
     g.bench_function("extract_digest_lookup", |b| {
         b.iter(|| {
             let t = extract(black_box(&headers)).ok().flatten().unwrap_or("");
@@ -67,7 +76,15 @@ fn bench(c: &mut Criterion) {
     let path = canonicalize("/api/client/features").unwrap();
     let entry = store.lookup(&Digest::of(TOKEN)).unwrap();
     g.bench_function("route_and_decide", |b| {
-        b.iter(|| decide(policy.route(black_box(&path)), &Method::GET, true, Some(&entry), 0))
+        b.iter(|| {
+            decide(
+                policy.route(black_box(&path)),
+                &Method::GET,
+                true,
+                Some(&entry),
+                0,
+            )
+        })
     });
     g.bench_function("header_hygiene", |b| {
         b.iter_batched(

@@ -46,10 +46,14 @@ pub struct Builder {
     tokens: Vec<TokenSpec>,
     config_toml: Option<String>,
     settings: Settings,
+    token_file: bool,
+    state_dir: Option<PathBuf>,
 }
 
 pub fn gateway() -> Builder {
     Builder {
+        token_file: true,
+        state_dir: None,
         upstream: None,
         tokens: Vec::new(),
         config_toml: None,
@@ -80,16 +84,39 @@ impl Builder {
         self
     }
 
+    /// Unleash-sync mode only: no token file, so readiness depends on the sync.
+    pub fn without_token_file(mut self) -> Self {
+        self.token_file = false;
+        self
+    }
+    /// Sync from a mock Unleash with its admin token, every `interval`.
+    pub fn unleash_sync(mut self, interval: &str) -> Self {
+        self.settings.upstream_token = Some(super::unleash::SYNC_TOKEN.into());
+        self.settings.sync_interval = Some(interval.into());
+        self
+    }
+    pub fn state_dir(mut self, dir: &std::path::Path) -> Self {
+        self.state_dir = Some(dir.to_path_buf());
+        self
+    }
+
     pub async fn start(self) -> TestGateway {
         let dir = tempfile::tempdir().unwrap();
         let token_file = dir.path().join("tokens.yaml");
         std::fs::write(&token_file, token_yaml(&self.tokens)).unwrap();
         let mut s = self.settings;
+        if !self.token_file {
+            s.token_file = None;
+        } else {
+            s.token_file
+                .get_or_insert_with(|| token_file.display().to_string());
+        }
+        if let Some(d) = &self.state_dir {
+            s.state_dir = Some(d.display().to_string());
+        }
         s.listen.get_or_insert_with(|| "127.0.0.1:0".into());
         s.admin_listen.get_or_insert_with(|| "127.0.0.1:0".into());
         s.upstream = Some(self.upstream.unwrap_or_else(|| "http://127.0.0.1:9".into()));
-        s.token_file
-            .get_or_insert_with(|| token_file.display().to_string());
         if let Some(toml) = self.config_toml {
             let p = dir.path().join("flaggate.toml");
             std::fs::write(&p, toml).unwrap();

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod gateway;
+pub mod unleash;
 pub mod upstream;
 
 pub use client::{get, raw, send, Reply};

@@ -1,0 +1,427 @@
+//! The Unleash token source against a mock Unleash: revocation, expiry, new tokens, junk floods, PATs,
+//! outage with snapshot restarts, and ETag economy.
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use support::unleash::mock_unleash;
+use support::{gateway, get};
+
+const CLIENT: &str = "*:development.sync-client-0123456789abcdef";
+const FRONTEND: &str = "default:development.sync-frontend-0123456789abcdef";
+
+/// Polls `f` every 20 ms until it returns true or `limit` passes; returns the time it took.
+async fn within<F, Fut>(limit: Duration, mut f: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() <= limit {
+        if f().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+async fn ready(admin: std::net::SocketAddr) -> bool {
+    get(admin, "/ready", None).await.status == 200
+}
+
+fn rfc3339_in(secs: i64) -> (i64, String) {
+    let t = time::OffsetDateTime::now_utc() + time::Duration::seconds(secs);
+    let t = t.replace_nanosecond(0).unwrap();
+    (
+        t.unix_timestamp(),
+        t.format(&time::format_description::well_known::Rfc3339)
+            .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_deleted_upstream_is_denied_within_interval_plus_one_second() {
+    let u = mock_unleash().await;
+    u.state.add(CLIENT, "client", None);
+    let gw = gateway()
+        .upstream(u.url())
+        .unleash_sync("1s")
+        .without_token_file()
+        .start()
+        .await;
+    assert!(
+        within(Duration::from_secs(3), || ready(gw.admin))
+            .await
+            .is_some(),
+        "ready after first sync"
+    );
+    assert_eq!(
+        get(gw.addr, "/api/client/features", Some(CLIENT))
+            .await
+            .status,
+        200
+    );
+
+    u.state.remove(CLIENT);
+    let took = within(Duration::from_secs(2), || async {
+        get(gw.addr, "/api/client/features", Some(CLIENT))
+            .await
+            .status
+            == 401
+    })
+    .await;
+    assert!(
+        took.is_some(),
+        "deleted token still allowed after sync interval + 1 s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_is_denied_within_one_second_of_its_expiry() {
+    let u = mock_unleash().await;
+    let (expiry, at) = rfc3339_in(2);
+    u.state.add(CLIENT, "client", Some(&at));
+    let gw = gateway()
+        .upstream(u.url())
+        .unleash_sync("30s")
+        .without_token_file()
+        .start()
+        .await;
+    assert!(within(Duration::from_secs(3), || ready(gw.admin))
+        .await
+        .is_some());
+    assert_eq!(
+        get(gw.addr, "/api/client/features", Some(CLIENT))
+            .await
+            .status,
+        200
+    );
+    // Wait for the expiry second, then the token must be refused within 1 s, with no sync in between.
+    let until = std::time::UNIX_EPOCH + Duration::from_secs(expiry as u64);
+    if let Ok(d) = until.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(d).await;
+    }
+    let took = within(Duration::from_secs(1), || async {
+        get(gw.addr, "/api/client/features", Some(CLIENT))
+            .await
+            .status
+            == 401
+    })
+    .await;
+    assert!(
+        took.is_some(),
+        "expired token still allowed 1 s after expiresAt"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_token_is_allowed_on_its_first_request() {
+    let u = mock_unleash().await;
+    u.state.add(FRONTEND, "frontend", None);
+    // A long interval: only the early re-sync on a miss can make the new token work.
+    let gw = gateway()
+        .upstream(u.url())
+        .unleash_sync("60s")
+        .without_token_file()
+        .start()
+        .await;
+    assert!(within(Duration::from_secs(3), || ready(gw.admin))
+        .await
+        .is_some());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    u.state.add(CLIENT, "client", None);
+    let created = Instant::now();
+    let r = get(gw.addr, "/api/client/features", Some(CLIENT)).await;
+    assert_eq!(
+        r.status,
+        200,
+        "first request with a just-created token: {}",
+        r.text()
+    );
+    assert!(created.elapsed() < Duration::from_secs(1));
+    assert_eq!(u.forwarded(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_junk_tokens_cost_a_handful_of_list_fetches_and_nothing_else() {
+    let u = mock_unleash().await;
+    u.state.add(CLIENT, "client", None);
+    let gw = gateway()
+        .upstream(u.url())
+        .unleash_sync("60s")
+        .without_token_file()
+        .start()
+        .await;
+    assert!(within(Duration::from_secs(3), || ready(gw.admin))
+        .await
+        .is_some());
+    let before = u.list_fetches();
+    let started = Instant::now();
+    let addr = gw.addr;
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        tasks.push(tokio::spawn(async move {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<http_body_util::Full<bytes::Bytes>>();
+            let mut denied = 0;
+            for i in 0..1250 {
+                let tok = format!("*:development.junk{w:02}{i:06}{}", "0".repeat(40));
+                let req = http::Request::get(format!("http://{addr}/api/client/features"))
+                    .header("authorization", tok)
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                let resp = client.request(req).await.unwrap();
+                if resp.status() == 401 {
+                    denied += 1;
+                }
+            }
+            denied
+        }));
+    }
+    let mut denied = 0;
+    for t in tasks {
+        denied += t.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(denied, 10_000);
+    let fetches = u.list_fetches() - before;
+    assert!(
+        fetches as f64 <= secs.ceil() + 2.0,
+        "{fetches} token-list fetches in {secs:.1} s: the early re-sync is not debounced"
+    );
+    assert_eq!(u.forwarded(), 0, "no junk request reached upstream");
+    assert_eq!(u.pat_checks(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_pats_are_capped_by_the_configured_rate_and_real_pats_coalesce() {
+    let u = mock_unleash().await;
+    let pat = "user:00000000000000000000000000000000000000000000000000000abc".to_string();
+    u.state.pats.lock().unwrap().insert(pat.clone());
+    let gw = gateway()
+        .upstream(u.url())
+        .unleash_sync("60s")
+        .settings(|s| s.pat_rate_limit = Some("5".into()))
+        .start()
+        .await;
+
+    // 30 concurrent requests with one valid PAT: one upstream check.
+    let mut tasks = Vec::new();
+    for _ in 0..30 {
+        let p = pat.clone();
+        let addr = gw.addr;
+        tasks.push(tokio::spawn(async move {
+            get(addr, "/api/admin/projects", Some(&p)).await.status
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(
+        u.pat_checks(),
+        1,
+        "concurrent misses for one PAT are merged"
+    );
+    assert_eq!(
+        get(gw.addr, "/api/frontend", Some(&pat)).await.status,
+        403,
+        "PATs may not reach the frontend API"
+    );
+    assert_eq!(u.pat_checks(), 1, "the valid PAT is cached");
+
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let addr = gw.addr;
+        tasks.push(tokio::spawn(async move {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .build_http::<http_body_util::Full<bytes::Bytes>>();
+            for i in 0..2500 {
+                let req = http::Request::get(format!("http://{addr}/api/admin/projects"))
+                    .header("authorization", format!("user:junk{w}{i:08}"))
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                assert_eq!(client.request(req).await.unwrap().status(), 401);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let checks = u.pat_checks() - 1;
+    assert!(
+        checks as f64 <= 5.0 * secs.ceil() + 5.0,
+        "{checks} PAT checks in {secs:.1} s exceed 5/s"
+    );
+    // The same junk PAT again is answered from the negative cache.
+    let junk = "user:junk000000000";
+    let n = u.pat_checks();
+    get(gw.addr, "/api/admin/projects", Some(junk)).await;
+    get(gw.addr, "/api/admin/projects", Some(junk)).await;
+    assert!(u.pat_checks() <= n + 1);
+    assert_eq!(
+        u.forwarded(),
+        30,
+        "only the valid PAT's 30 requests were forwarded"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_an_outage_known_tokens_pass_and_a_restart_serves_from_the_snapshot() {
+    let u = mock_unleash().await;
+    u.state.add(CLIENT, "client", None);
+    let state = tempfile::tempdir().unwrap();
+    let gw = gateway()
+        .upstream(u.url())
+        .unleash_sync("300ms")
+        .without_token_file()
+        .state_dir(state.path())
+        .start()
+        .await;
+    assert!(within(Duration::from_secs(3), || ready(gw.admin))
+        .await
+        .is_some());
+    let snap = state.path().join(flaggate::token::snapshot::FILE_NAME);
+    assert!(within(Duration::from_secs(2), || async { snap.exists() })
+        .await
+        .is_some());
+
+    for failure in [503u16, 200 /* garbage body */] {
+        u.state.failure.store(failure, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(
+            get(gw.addr, "/api/client/features", Some(CLIENT))
+                .await
+                .status,
+            200
+        );
+        assert_eq!(
+            get(
+                gw.addr,
+                "/api/client/features",
+                Some("*:development.unknown")
+            )
+            .await
+            .status,
+            401
+        );
+        assert!(ready(gw.admin).await, "stays ready on the last good set");
+    }
+    let metrics = get(gw.admin, "/metrics", None).await.text();
+    assert!(
+        metrics.contains("flaggate_token_sync_total{result=\"error\"}"),
+        "{metrics}"
+    );
+    drop(gw);
+
+    // Restart while Unleash is still down: the snapshot serves.
+    let gw = gateway()
+        .upstream(u.url())
+        .unleash_sync("300ms")
+        .without_token_file()
+        .state_dir(state.path())
+        .start()
+        .await;
+    assert!(
+        within(Duration::from_secs(3), || ready(gw.admin))
+            .await
+            .is_some(),
+        "ready from the snapshot"
+    );
+    assert_eq!(
+        get(gw.addr, "/api/client/features", Some(CLIENT))
+            .await
+            .status,
+        200
+    );
+
+    let text = std::fs::read_to_string(&snap).unwrap();
+    assert!(
+        !text.contains("sync-client") && !text.contains(CLIENT),
+        "snapshot holds a secret"
+    );
+    assert!(text.contains(&flaggate::token::Digest::of(CLIENT).to_hex()));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&snap).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+
+    // Unleash comes back: a deletion made meanwhile applies without restarting the gateway.
+    u.state.remove(CLIENT);
+    u.state.failure.store(0, Ordering::SeqCst);
+    let took = within(Duration::from_secs(5), || async {
+        get(gw.addr, "/api/client/features", Some(CLIENT))
+            .await
+            .status
+            == 401
+    })
+    .await;
+    assert!(took.is_some(), "recovered sync did not apply");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_token_list_costs_a_304() {
+    let u = mock_unleash().await;
+    u.state.add(CLIENT, "client", None);
+    let gw = gateway()
+        .upstream(u.url())
+        .unleash_sync("200ms")
+        .without_token_file()
+        .start()
+        .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let fetches = u.up.seen();
+    let list: Vec<_> = fetches
+        .iter()
+        .filter(|r| r.path() == "/api/admin/api-tokens")
+        .collect();
+    assert!(list.len() >= 4, "polls every interval: {}", list.len());
+    assert!(list[0].header("if-none-match").is_none());
+    assert!(list[1..]
+        .iter()
+        .all(|r| r.header("if-none-match") == Some("W/\"v1\"")));
+    let metrics = get(gw.admin, "/metrics", None).await.text();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("flaggate_token_sync_total{result=\"unchanged\"}"))
+        .expect("unchanged syncs counted");
+    let unchanged: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(unchanged >= 3.0, "{line}");
+    assert!(
+        metrics.contains("flaggate_token_sync_total{result=\"ok\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_upstream_token_is_a_distinct_error_and_never_ready() {
+    let u = mock_unleash().await;
+    let gw = gateway()
+        .upstream(u.url())
+        .without_token_file()
+        .settings(|s| {
+            s.upstream_token = Some("*:*.wrong-token".into());
+            s.sync_interval = Some("200ms".into());
+        })
+        .start()
+        .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let r = get(gw.admin, "/ready", None).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.json()["reason"], "no token set loaded yet");
+    let metrics = get(gw.admin, "/metrics", None).await.text();
+    assert!(
+        metrics.contains("flaggate_token_sync_total{result=\"rejected\"}"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("wrong-token"));
+}

@@ -7,8 +7,10 @@
 //! 5. **forward** — pooled client, bodies streamed both ways, upstream failures → 502/504;
 //! 6. **record** — one access-log line and the metrics, for every request whatever its fate.
 
+pub mod connector;
 pub mod forward;
 pub mod headers;
+pub mod record;
 pub mod server;
 
 use crate::config::{Config, Upstream};
@@ -28,12 +30,15 @@ use http::header::HOST;
 use http::{Request, Response, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use record::LoggedBody;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// Everything a request handler needs, shared by all connections.
 pub struct Gateway {
@@ -78,18 +83,22 @@ impl Gateway {
         unleash: Option<UnleashMode>,
     ) -> Gateway {
         Gateway {
+            client: forward::build_client(
+                cfg.upstream_connect_timeout,
+                metrics.upstream_connections.clone(),
+            ),
             unleash,
             policy: ArcSwap::from_pointee(Policy::new(cfg.routes.clone())),
             store,
             metrics,
-            client: forward::build_client(cfg.upstream_connect_timeout),
+
             upstream: cfg.upstream.clone(),
             upstream_timeout: cfg.upstream_timeout,
         }
     }
 }
 
-/// What the record phase knows about a request.
+/// What the phases learn about a request, for the record phase.
 struct Outcome {
     route_class: Arc<str>,
     token: Option<(Fingerprint, Option<TokenKind>)>,
@@ -97,15 +106,29 @@ struct Outcome {
     path: Option<String>,
 }
 
+/// Bounded app-name label values: the first [`APP_LABEL_CAP`] names seen, then `other`.
+pub const APP_LABEL_CAP: usize = 100;
+
+/// Decrements the in-flight gauge however the request ends (including a client that hangs up).
+struct InFlight<'a>(&'a prometheus::IntGauge);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// The service function: never fails, every error becomes a response in [`Rejection::into_response`].
 pub async fn handle(
     gw: Arc<Gateway>,
     req: Request<Incoming>,
     peer: SocketAddr,
-) -> Result<Response<ProxyBody>, Infallible> {
+) -> Result<Response<LoggedBody>, Infallible> {
     let started = Instant::now();
     gw.metrics.inflight.inc();
+    let _inflight = InFlight(&gw.metrics.inflight);
     let method = req.method().clone();
+    let request_id = record::request_id(req.headers().get(REQUEST_ID));
     let app = req
         .headers()
         .get("unleash-appname")
@@ -117,8 +140,8 @@ pub async fn handle(
         upstream_time: None,
         path: None,
     };
-    let result = run_phases(&gw, req, peer, &mut out).await;
-    let (resp, decision, rejection) = match result {
+    let result = run_phases(&gw, req, peer, request_id.clone(), &mut out).await;
+    let (mut resp, decision, rejection) = match result {
         Ok(resp) => (resp, Decision::Allowed, None),
         Err(rej) => (
             rej.into_response().map(Either::Right),
@@ -126,13 +149,14 @@ pub async fn handle(
             Some(rej),
         ),
     };
+    resp.headers_mut().insert(REQUEST_ID, request_id.clone());
 
-    // 6. record
-    let elapsed = started.elapsed();
-    let gateway_time = elapsed.saturating_sub(out.upstream_time.unwrap_or_default());
+    // 6. record: metrics now, the log line when the body is done.
+    let gateway_time = started
+        .elapsed()
+        .saturating_sub(out.upstream_time.unwrap_or_default());
     let status = resp.status();
     let m = &gw.metrics;
-    m.inflight.dec();
     m.requests
         .with_label_values(&[
             &out.route_class,
@@ -148,36 +172,35 @@ pub async fn handle(
             .with_label_values(&[&out.route_class])
             .observe(t.as_secs_f64());
     }
-    let fingerprint = out.token.map(|(f, _)| f.to_string());
-    let kind = out.token.and_then(|(_, k)| k).map(TokenKind::as_str);
-    let reason = rejection.as_ref().map(|r| r.code());
-    let detail = rejection
-        .as_ref()
-        .filter(|r| r.blame() != Blame::Downstream)
-        .map(|r| r.to_string());
-    tracing::info!(
-        target: "flaggate::access",
-        method = %method,
-        path = out.path.as_deref().unwrap_or("-"),
-        status = status.as_u16(),
-        decision = decision.as_str(),
-        route_class = &*out.route_class,
-        reason,
-        token = fingerprint.as_deref(),
-        token_kind = kind,
-        app = app.as_deref(),
-        gateway_us = gateway_time.as_micros() as u64,
-        upstream_us = out.upstream_time.map(|t| t.as_micros() as u64),
-        error = detail.as_deref(),
-        "request"
-    );
-    Ok(resp)
+    if let Some(a) = &app {
+        m.sdk_requests.with_label_values(&[m.app_label(a)]).inc();
+    }
+    let rec = record::Record {
+        started,
+        method,
+        path: out.path,
+        route_class: out.route_class,
+        status: status.as_u16(),
+        decision,
+        reason: rejection.as_ref().map(|r| r.code()),
+        token: out.token,
+        app,
+        request_id,
+        gateway_time,
+        upstream_time: out.upstream_time,
+        error: rejection
+            .as_ref()
+            .filter(|r| r.blame() != Blame::Downstream)
+            .map(|r| r.to_string()),
+    };
+    Ok(resp.map(|b| LoggedBody::new(b, rec)))
 }
 
 async fn run_phases(
     gw: &Gateway,
     req: Request<Incoming>,
     peer: SocketAddr,
+    request_id: http::HeaderValue,
     out: &mut Outcome,
 ) -> Result<Response<ProxyBody>, Rejection> {
     let (mut parts, body) = req.into_parts();
@@ -232,6 +255,7 @@ async fn run_phases(
     headers::strip_gateway_set(&mut parts.headers);
     parts.headers.remove(HOST);
     headers::set_forwarded(&mut parts.headers, peer.ip(), "http", host);
+    parts.headers.insert(REQUEST_ID, request_id);
     parts.uri = forward::upstream_uri(&gw.upstream, &path, uri.query())?;
     parts.version = Version::HTTP_11;
 

@@ -23,6 +23,10 @@ pub struct Metrics {
     pub token_sync_last_success: Gauge,
     pub token_sync_age: Gauge,
     pub pat_validations: IntCounterVec,
+    pub sdk_requests: IntCounterVec,
+    pub connections: IntGaugeVec,
+    pub upstream_connections: IntGauge,
+    known_apps: arc_swap::ArcSwap<std::collections::HashSet<Box<str>>>,
 }
 
 /// Latency buckets from 50 µs (the gateway's own work) to 10 s (a slow upstream).
@@ -113,6 +117,24 @@ impl Metrics {
             ),
             &["result"],
         ));
+        let sdk_requests = must(IntCounterVec::new(
+            Opts::new(
+                "flaggate_sdk_requests_total",
+                "Requests by SDK app name (unleash-appname); the first 100 names, then `other`",
+            ),
+            &["app"],
+        ));
+        let connections = must(IntGaugeVec::new(
+            Opts::new(
+                "flaggate_connections",
+                "Open client connections, by listener",
+            ),
+            &["listener"],
+        ));
+        let upstream_connections = must(IntGauge::new(
+            "flaggate_upstream_connections",
+            "Open connections to Unleash (pooled keep-alive connections included)",
+        ));
         let build_info = must(IntGaugeVec::new(
             Opts::new("flaggate_build_info", "Build information; always 1"),
             &["version"],
@@ -133,6 +155,9 @@ impl Metrics {
             Box::new(token_sync_last_success.clone()),
             Box::new(token_sync_age.clone()),
             Box::new(pat_validations.clone()),
+            Box::new(sdk_requests.clone()),
+            Box::new(connections.clone()),
+            Box::new(upstream_connections.clone()),
             Box::new(build_info),
         ] {
             must(registry.register(c));
@@ -144,7 +169,7 @@ impl Metrics {
                 "flaggate",
             ),
         )));
-        Metrics {
+        let m = Metrics {
             registry,
             requests,
             request_duration,
@@ -158,6 +183,60 @@ impl Metrics {
             token_sync_last_success,
             token_sync_age,
             pat_validations,
+            sdk_requests,
+            connections,
+            upstream_connections,
+            known_apps: Default::default(),
+        };
+        // Label sets known in advance are exported at 0 from the start, so dashboards and alerts see
+        // every series before the first event (and `rate()` has a starting point).
+        for r in ["ok", "unchanged", "error", "rejected"] {
+            m.token_sync.with_label_values(&[r]);
+        }
+        for r in [
+            "valid",
+            "invalid",
+            "cached_invalid",
+            "rate_limited",
+            "error",
+        ] {
+            m.pat_validations.with_label_values(&[r]);
+        }
+        for r in ["hit", "miss"] {
+            m.token_cache_lookups.with_label_values(&[r]);
+        }
+        for r in ["ok", "error"] {
+            m.token_source_updates.with_label_values(&["file", r]);
+        }
+        m.connections.with_label_values(&["proxy"]);
+        m
+    }
+
+    /// The `app` label for an SDK app name: itself while fewer than the cap are known, else `other`.
+    /// Reads never lock; only the first sighting of each of the first 100 names writes.
+    pub fn app_label<'a>(&self, app: &'a str) -> &'a str {
+        let known = self.known_apps.load();
+        if known.contains(app) {
+            return app;
+        }
+        if known.len() >= crate::proxy::APP_LABEL_CAP
+            || app.is_empty()
+            || !app.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return "other";
+        }
+        drop(known);
+        self.known_apps.rcu(|k| {
+            let mut k = (**k).clone();
+            if k.len() < crate::proxy::APP_LABEL_CAP {
+                k.insert(app.into());
+            }
+            k
+        });
+        if self.known_apps.load().contains(app) {
+            app
+        } else {
+            "other"
         }
     }
 

@@ -1,5 +1,6 @@
 //! The upstream side: one pooled client, the forwarded URI, and what upstream failures mean.
 
+use super::connector::CountingConnector;
 use crate::config::Upstream;
 use crate::error::Rejection;
 use crate::path::CanonicalPath;
@@ -11,10 +12,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::time::Duration;
 
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
+pub type UpstreamClient = Client<CountingConnector, Incoming>;
 
 /// Keep-alive pool sized for SDK fan-in: many short requests to one host.
-pub fn build_client(connect_timeout: Duration) -> UpstreamClient {
+pub fn build_client(connect_timeout: Duration, open_gauge: prometheus::IntGauge) -> UpstreamClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
@@ -23,7 +24,7 @@ pub fn build_client(connect_timeout: Duration) -> UpstreamClient {
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(512)
-        .build(connector)
+        .build(CountingConnector::new(connector, open_gauge))
 }
 
 /// `upstream + canonical path + untouched query`: the authorized path, byte for byte.

@@ -57,6 +57,8 @@ pub async fn serve_proxy(
             _ = stopped(&mut stop) => break,
         };
         let _ = stream.set_nodelay(true);
+        let open = gw.metrics.connections.with_label_values(&["proxy"]);
+        open.inc();
         let gw = gw.clone();
         let svc = service_fn(move |req| handle(gw.clone(), req, peer));
         let conn = builder
@@ -67,6 +69,7 @@ pub async fn serve_proxy(
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, %peer, "connection ended with error");
             }
+            open.dec();
         });
     }
     drop(listener);

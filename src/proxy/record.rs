@@ -1,0 +1,159 @@
+//! Phase 6, record: metrics at response-head time, and one access-log line when the response body is
+//! finished (or abandoned), so the line carries the real byte count even for streams.
+
+use super::ProxyBody;
+use crate::error::Decision;
+use crate::token::{Fingerprint, TokenKind};
+use bytes::Bytes;
+use http::HeaderValue;
+use hyper::body::{Body, Frame, SizeHint};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+/// Everything the access-log line says about one request. Never holds a secret.
+pub struct Record {
+    pub started: Instant,
+    pub method: http::Method,
+    pub path: Option<String>,
+    pub route_class: Arc<str>,
+    pub status: u16,
+    pub decision: Decision,
+    pub reason: Option<&'static str>,
+    pub token: Option<(Fingerprint, Option<TokenKind>)>,
+    pub app: Option<String>,
+    pub request_id: HeaderValue,
+    pub gateway_time: Duration,
+    pub upstream_time: Option<Duration>,
+    pub error: Option<String>,
+}
+
+impl Record {
+    fn emit(&self, bytes: u64, complete: bool) {
+        let fingerprint = self.token.map(|(f, _)| f.to_string());
+        let kind = self.token.and_then(|(_, k)| k).map(TokenKind::as_str);
+        tracing::info!(
+            target: "flaggate::access",
+            method = %self.method,
+            path = self.path.as_deref().unwrap_or("-"),
+            status = self.status,
+            decision = self.decision.as_str(),
+            route_class = &*self.route_class,
+            reason = self.reason,
+            token = fingerprint.as_deref(),
+            token_kind = kind,
+            app = self.app.as_deref(),
+            request_id = self.request_id.to_str().unwrap_or("-"),
+            bytes = bytes,
+            complete = complete,
+            gateway_us = self.gateway_time.as_micros() as u64,
+            upstream_us = self.upstream_time.map(|t| t.as_micros() as u64),
+            total_us = self.started.elapsed().as_micros() as u64,
+            error = self.error.as_deref(),
+            "request"
+        );
+    }
+}
+
+/// The response body as sent to the client: counts bytes and writes the access-log line at the end.
+pub struct LoggedBody {
+    inner: ProxyBody,
+    bytes: u64,
+    record: Option<Box<Record>>,
+}
+
+impl LoggedBody {
+    pub fn new(inner: ProxyBody, record: Record) -> LoggedBody {
+        LoggedBody {
+            inner,
+            bytes: 0,
+            record: Some(Box::new(record)),
+        }
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some(r) = self.record.take() {
+            r.emit(self.bytes, complete);
+        }
+    }
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let polled = match &mut this.inner {
+            http_body_util::Either::Left(b) => Pin::new(b).poll_frame(cx),
+            http_body_util::Either::Right(b) => {
+                Pin::new(b).poll_frame(cx).map_err(|never| match never {})
+            }
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) => this.finish(true),
+            Poll::Ready(Some(Err(_))) => this.finish(false),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        // Empty bodies (304, HEAD) may never be polled; a client that went away mid-stream lands here too.
+        let complete = self.inner.is_end_stream();
+        self.finish(complete);
+    }
+}
+
+/// `x-request-id`: honoured when well-formed (1-64 of `[A-Za-z0-9._-]`), else generated.
+pub fn request_id(incoming: Option<&HeaderValue>) -> HeaderValue {
+    if let Some(v) = incoming {
+        let b = v.as_bytes();
+        if !b.is_empty()
+            && b.len() <= 64
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        {
+            return v.clone();
+        }
+    }
+    let id = format!("{:032x}", fastrand::u128(..));
+    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_honoured_only_when_well_formed() {
+        let good = HeaderValue::from_static("abc-123_X.y");
+        assert_eq!(request_id(Some(&good)), good);
+        for bad in ["", "a b", "x\"y", &"a".repeat(65)] {
+            let v = HeaderValue::from_str(bad).unwrap();
+            let id = request_id(Some(&v));
+            assert_ne!(id, v);
+            assert_eq!(id.len(), 32);
+        }
+        assert_ne!(request_id(None), request_id(None));
+    }
+}

@@ -23,15 +23,16 @@ pub struct AdminState {
 }
 
 impl AdminState {
+    fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Acquire) && self.store.is_loaded()
+    }
+
     fn sync_age(&self) -> Option<f64> {
         self.sync.as_ref().and_then(|s| s.age_seconds())
     }
 }
 
-pub async fn handle<B>(
-    state: Arc<AdminState>,
-    req: Request<B>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+pub async fn handle<B>(state: Arc<AdminState>, req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Ok(json_response(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -42,7 +43,7 @@ pub async fn handle<B>(
         "/health" => json_response(StatusCode::OK, &json!({"health": "GOOD"})),
         "/ready" => ready(&state),
         "/metrics" => {
-            let body = state.metrics.render(&state.store, state.sync_age());
+            let body = state.metrics.render(&state.store, state.sync_age(), state.is_ready());
             let mut r = Response::new(Full::new(Bytes::from(body)));
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,

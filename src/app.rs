@@ -56,42 +56,31 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
 
     if let Some(path) = &cfg.token_file {
         apply_token_file(&store, path)?;
-        metrics
-            .token_source_updates
-            .with_label_values(&["file", "ok"])
-            .inc();
+        metrics.token_source_updates.with_label_values(&["file", "ok"]).inc();
         let m = metrics.clone();
         let on_result = Arc::new(move |r: Result<(), &TokenFileError>| {
             let result = if r.is_ok() { "ok" } else { "error" };
-            m.token_source_updates
-                .with_label_values(&["file", result])
-                .inc();
+            m.token_source_updates.with_label_values(&["file", result]).inc();
         });
-        let w = watch_token_file(store.clone(), path.clone(), on_result).map_err(|source| {
-            StartError::Watch {
-                path: path.display().to_string(),
-                source,
-            }
+        let w = watch_token_file(store.clone(), path.clone(), on_result).map_err(|source| StartError::Watch {
+            path: path.display().to_string(),
+            source,
         })?;
         watchers.push(w);
     }
 
     let proxy_listener = bind("listen", cfg.listen).await?;
     let admin_listener = bind("admin_listen", cfg.admin_listen).await?;
-    let proxy_addr = proxy_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            key: "listen",
-            addr: cfg.listen,
-            source,
-        })?;
-    let admin_addr = admin_listener
-        .local_addr()
-        .map_err(|source| StartError::Bind {
-            key: "admin_listen",
-            addr: cfg.admin_listen,
-            source,
-        })?;
+    let proxy_addr = proxy_listener.local_addr().map_err(|source| StartError::Bind {
+        key: "listen",
+        addr: cfg.listen,
+        source,
+    })?;
+    let admin_addr = admin_listener.local_addr().map_err(|source| StartError::Bind {
+        key: "admin_listen",
+        addr: cfg.admin_listen,
+        source,
+    })?;
 
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();

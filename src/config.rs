@@ -25,11 +25,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(
-        origin: impl Into<String>,
-        key: impl Into<String>,
-        reason: impl Into<String>,
-    ) -> ConfigError {
+    fn new(origin: impl Into<String>, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
         ConfigError {
             origin: origin.into(),
             key: key.into(),
@@ -134,17 +130,14 @@ pub(crate) fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 }
 
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s)
-        .map_err(|e| format!("`{s}` is not a duration like 500ms, 5s, 1m ({e})"))?;
+    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 500ms, 5s, 1m ({e})"))?;
     if d.is_zero() {
         return Err("must be greater than zero".into());
     }
     Ok(d)
 }
 
-pub(crate) fn parse_count<T: std::str::FromStr + PartialOrd + Default>(
-    s: &str,
-) -> Result<T, String> {
+pub(crate) fn parse_count<T: std::str::FromStr + PartialOrd + Default>(s: &str) -> Result<T, String> {
     match s.trim().parse::<T>() {
         Ok(v) if v > T::default() => Ok(v),
         _ => Err(format!("`{s}` is not a positive whole number")),
@@ -195,9 +188,7 @@ pub(crate) fn parse_rule(file: &Path, index: usize, r: FileRule) -> Result<Rule,
         })?);
     }
     let denial = match r.denial.as_deref() {
-        None if r.prefix.starts_with("/api/client") || r.prefix.starts_with("/api/frontend") => {
-            DenialStyle::ApiToken
-        }
+        None if r.prefix.starts_with("/api/client") || r.prefix.starts_with("/api/frontend") => DenialStyle::ApiToken,
         None | Some("session") => DenialStyle::Session,
         Some("api-token") => DenialStyle::ApiToken,
         Some(other) => {
@@ -214,10 +205,7 @@ pub(crate) fn parse_rule(file: &Path, index: usize, r: FileRule) -> Result<Rule,
 impl Config {
     /// Human-readable effective configuration with secrets redacted, for `check-config`.
     pub fn render(&self) -> String {
-        let opt = |p: &Option<PathBuf>| {
-            p.as_ref()
-                .map_or("(none)".to_string(), |p| p.display().to_string())
-        };
+        let opt = |p: &Option<PathBuf>| p.as_ref().map_or("(none)".to_string(), |p| p.display().to_string());
         let mut out = String::new();
         let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
         line("config", opt(&self.config_file));
@@ -227,19 +215,14 @@ impl Config {
         line("token_file", opt(&self.token_file));
         line(
             "upstream_token",
-            self.upstream_token
-                .as_ref()
-                .map_or("(none)".into(), |s| s.to_string()),
+            self.upstream_token.as_ref().map_or("(none)".into(), |s| s.to_string()),
         );
         line(
             "sync_interval",
             humantime::format_duration(self.sync_interval).to_string(),
         );
         line("state_dir", opt(&self.state_dir));
-        line(
-            "log_format",
-            format!("{:?}", self.log_format).to_lowercase(),
-        );
+        line("log_format", format!("{:?}", self.log_format).to_lowercase());
         line(
             "upstream_connect_timeout",
             humantime::format_duration(self.upstream_connect_timeout).to_string(),
@@ -261,11 +244,7 @@ impl Config {
                     "{} -> [{}]{}",
                     r.prefix,
                     kinds.join(", "),
-                    if r.preflight {
-                        " (+ token-less OPTIONS)"
-                    } else {
-                        ""
-                    }
+                    if r.preflight { " (+ token-less OPTIONS)" } else { "" }
                 ),
             );
         }

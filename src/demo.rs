@@ -26,11 +26,7 @@ pub async fn sample_upstream<B>(req: Request<B>) -> Result<Response<Full<Bytes>>
     let path = req.uri().path();
     let mut resp = match (req.method(), path) {
         (&Method::GET, "/api/client/features") => {
-            if req
-                .headers()
-                .get(IF_NONE_MATCH)
-                .is_some_and(|v| v == FEATURES_ETAG)
-            {
+            if req.headers().get(IF_NONE_MATCH).is_some_and(|v| v == FEATURES_ETAG) {
                 let mut r = Response::new(Full::new(Bytes::new()));
                 *r.status_mut() = StatusCode::NOT_MODIFIED;
                 r
@@ -70,8 +66,7 @@ pub async fn sample_upstream<B>(req: Request<B>) -> Result<Response<Full<Bytes>>
         ),
     };
     if path == "/api/client/features" {
-        resp.headers_mut()
-            .insert(ETAG, HeaderValue::from_static(FEATURES_ETAG));
+        resp.headers_mut().insert(ETAG, HeaderValue::from_static(FEATURES_ETAG));
     }
     if path.starts_with("/api/frontend") {
         let h = resp.headers_mut();
@@ -85,10 +80,8 @@ pub async fn sample_upstream<B>(req: Request<B>) -> Result<Response<Full<Bytes>>
             HeaderValue::from_static("GET,POST,OPTIONS"),
         );
     }
-    resp.headers_mut().insert(
-        "x-demo-upstream",
-        HeaderValue::from_static("sample-flag-server"),
-    );
+    resp.headers_mut()
+        .insert("x-demo-upstream", HeaderValue::from_static("sample-flag-server"));
     Ok(resp)
 }
 
@@ -102,9 +95,7 @@ pub struct CurlLine {
 pub fn curl_lines(proxy: SocketAddr) -> Vec<CurlLine> {
     let base = format!("http://{proxy}");
     let line = |expect, why, auth: Option<&str>, method: &str, path: &str| {
-        let auth = auth
-            .map(|t| format!(" -H 'Authorization: {t}'"))
-            .unwrap_or_default();
+        let auth = auth.map(|t| format!(" -H 'Authorization: {t}'")).unwrap_or_default();
         let method = if method == "GET" {
             String::new()
         } else {
@@ -145,13 +136,7 @@ pub fn curl_lines(proxy: SocketAddr) -> Vec<CurlLine> {
             "GET",
             "/api/admin/projects",
         ),
-        line(
-            204,
-            "CORS preflight needs no token",
-            None,
-            "OPTIONS",
-            "/api/frontend",
-        ),
+        line(204, "CORS preflight needs no token", None, "OPTIONS", "/api/frontend"),
         line(401, "no token", None, "GET", "/api/client/features"),
         line(
             401,
@@ -160,13 +145,7 @@ pub fn curl_lines(proxy: SocketAddr) -> Vec<CurlLine> {
             "GET",
             "/api/client/features",
         ),
-        line(
-            401,
-            "expired token",
-            Some(EXPIRED_TOKEN),
-            "GET",
-            "/api/client/features",
-        ),
+        line(401, "expired token", Some(EXPIRED_TOKEN), "GET", "/api/client/features"),
         line(
             403,
             "frontend token on the client API",

@@ -95,14 +95,10 @@ impl Rejection {
             | Rejection::NotOriginForm
             | Rejection::BadAuthorization(_)
             | Rejection::DuplicateHost => StatusCode::BAD_REQUEST,
-            Rejection::NoToken(_) | Rejection::UnknownToken(_) | Rejection::Expired(_) => {
-                StatusCode::UNAUTHORIZED
-            }
+            Rejection::NoToken(_) | Rejection::UnknownToken(_) | Rejection::Expired(_) => StatusCode::UNAUTHORIZED,
             Rejection::WrongScope => StatusCode::FORBIDDEN,
             Rejection::UpstreamConnect(_) | Rejection::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
-            Rejection::UpstreamTimeout(_) | Rejection::UpstreamConnectTimeout(_) => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            Rejection::UpstreamTimeout(_) | Rejection::UpstreamConnectTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Rejection::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -124,9 +120,7 @@ impl Rejection {
             | Rejection::NotOriginForm
             | Rejection::BadAuthorization(_)
             | Rejection::DuplicateHost => Decision::BadRequest,
-            Rejection::NoToken(_) | Rejection::UnknownToken(_) | Rejection::Expired(_) => {
-                Decision::Unauthenticated
-            }
+            Rejection::NoToken(_) | Rejection::UnknownToken(_) | Rejection::Expired(_) => Decision::Unauthenticated,
             Rejection::WrongScope => Decision::Forbidden,
             Rejection::UpstreamConnect(_)
             | Rejection::UpstreamConnectTimeout(_)
@@ -149,9 +143,7 @@ impl Rejection {
             Rejection::Expired(_) => "expired_token",
             Rejection::WrongScope => "wrong_token_type",
             Rejection::UpstreamConnect(_) => "upstream_unreachable",
-            Rejection::UpstreamTimeout(_) | Rejection::UpstreamConnectTimeout(_) => {
-                "upstream_timeout"
-            }
+            Rejection::UpstreamTimeout(_) | Rejection::UpstreamConnectTimeout(_) => "upstream_timeout",
             Rejection::UpstreamFailed(_) => "upstream_failed",
             Rejection::Internal(_) => "internal",
         }
@@ -171,8 +163,7 @@ impl Rejection {
             Rejection::NoToken(DenialStyle::Session) => {
                 json!({ "name": "AuthenticationRequired", "message": NO_HEADER_MSG, "code": code })
             }
-            Rejection::UnknownToken(DenialStyle::Session)
-            | Rejection::Expired(DenialStyle::Session) => {
+            Rejection::UnknownToken(DenialStyle::Session) | Rejection::Expired(DenialStyle::Session) => {
                 json!({ "name": "UnauthorizedError", "message": BAD_TOKEN_MSG, "code": code })
             }
             Rejection::WrongScope => json!({ "message": WRONG_TYPE_MSG, "code": code }),

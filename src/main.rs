@@ -158,10 +158,7 @@ fn explain(token_arg: &str, settings: Settings) -> anyhow::Result<()> {
     println!("fingerprint: {}", digest.fingerprint());
     match token::parse(tok) {
         Shape::Pat => println!("shape:       personal access token (user:…)"),
-        Shape::Api {
-            projects,
-            environment,
-        } => {
+        Shape::Api { projects, environment } => {
             println!("shape:       API token, projects label {projects:?}, environment label {environment:?}")
         }
         Shape::Legacy => println!("shape:       legacy token without a project:environment prefix"),
@@ -182,55 +179,58 @@ fn explain(token_arg: &str, settings: Settings) -> anyhow::Result<()> {
     };
     let kind = match &entry {
         Some(info) => {
-            println!(
-                "found:       yes, in the token file ({})",
-                info.source.as_str()
-            );
+            println!("found:       yes, in the token file ({})", info.source.as_str());
             println!("kind:        {}", info.kind);
             println!("projects:    {}", info.projects.join(", "));
-            println!(
-                "environment: {}",
-                info.environment.as_deref().unwrap_or("(any)")
-            );
+            println!("environment: {}", info.environment.as_deref().unwrap_or("(any)"));
             println!("name:        {}", info.name.as_deref().unwrap_or("(none)"));
             if let Some(t) = info.expires_at {
                 let expired = info.is_expired_at(token::now_unix());
                 println!(
                     "expires_at:  {t} (unix){}",
-                    if expired {
-                        " — EXPIRED, will be denied"
-                    } else {
-                        ""
-                    }
+                    if expired { " — EXPIRED, will be denied" } else { "" }
                 );
             }
             Some(info.kind)
         }
         None => {
-            println!("found:       not in the configured token file (tokens synced from Unleash are checked at runtime)");
+            println!(
+                "found:       not in the configured token file (tokens synced from Unleash are checked at runtime)"
+            );
             token::parse(tok).kind_hint()
         }
     };
     match kind {
         Some(k) => {
-            let reach: Vec<String> = policy.reachable(k).iter().map(|r| format!("{} ({})", r.name, r.prefix)).collect();
+            let reach: Vec<String> = policy
+                .reachable(k)
+                .iter()
+                .map(|r| format!("{} ({})", r.name, r.prefix))
+                .collect();
             println!("may reach:   {}", reach.join(", "));
         }
-        None => println!("may reach:   depends on its type in the store (client → /api/client, frontend → /api/frontend)"),
+        None => {
+            println!("may reach:   depends on its type in the store (client → /api/client, frontend → /api/frontend)")
+        }
     }
     Ok(())
 }
 
 fn demo(args: DemoArgs) -> anyhow::Result<()> {
-    let format =
-        parse_log_format(&args.log_format).map_err(|e| anyhow::anyhow!("--log-format: {e}"))?;
+    let format = parse_log_format(&args.log_format).map_err(|e| anyhow::anyhow!("--log-format: {e}"))?;
     flaggate::telemetry::init_logging(format);
     runtime()?.block_on(async move {
         // The sample flag server: loopback, ephemeral port, clearly not Unleash.
-        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("binding the demo upstream")?;
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the demo upstream")?;
         let upstream_addr = upstream.local_addr()?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(flaggate::proxy::server::serve_simple(upstream, flaggate::demo::sample_upstream, stop_rx));
+        tokio::spawn(flaggate::proxy::server::serve_simple(
+            upstream,
+            flaggate::demo::sample_upstream,
+            stop_rx,
+        ));
         tracing::info!(addr = %upstream_addr, "DEMO upstream started: a built-in sample flag server, not Unleash");
 
         let token_file = match args.token_file {
@@ -256,9 +256,15 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
         };
         let (cfg, _) = settings.resolve()?;
         let running = flaggate::app::start(cfg).await?;
-        println!("flaggate demo: gateway on http://{}  (admin: http://{}/metrics)", running.proxy_addr, running.admin_addr);
+        println!(
+            "flaggate demo: gateway on http://{}  (admin: http://{}/metrics)",
+            running.proxy_addr, running.admin_addr
+        );
         println!("flaggate demo: upstream is a built-in SAMPLE flag server on http://{upstream_addr}, not Unleash");
-        println!("flaggate demo: tokens from {} (public demo secrets)", token_file.display());
+        println!(
+            "flaggate demo: tokens from {} (public demo secrets)",
+            token_file.display()
+        );
         println!("Try these:");
         for l in flaggate::demo::curl_lines(running.proxy_addr) {
             println!("  {}   # expect {}: {}", l.command, l.expect, l.why);

@@ -104,18 +104,7 @@ fn is_plain_path_byte(b: u8) -> bool {
     is_unreserved(b)
         || matches!(
             b,
-            b'!' | b'$'
-                | b'&'
-                | b'\''
-                | b'('
-                | b')'
-                | b'*'
-                | b'+'
-                | b','
-                | b'='
-                | b':'
-                | b'@'
-                | b'/'
+            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b'=' | b':' | b'@' | b'/'
         )
 }
 

@@ -27,9 +27,7 @@ impl KindSet {
     }
 
     pub fn kinds(self) -> impl Iterator<Item = TokenKind> {
-        TokenKind::ALL
-            .into_iter()
-            .filter(move |k| self.contains(*k))
+        TokenKind::ALL.into_iter().filter(move |k| self.contains(*k))
     }
 }
 
@@ -54,13 +52,7 @@ pub struct Rule {
 }
 
 impl Rule {
-    pub fn new(
-        name: &str,
-        prefix: &str,
-        allow: &[TokenKind],
-        preflight: bool,
-        denial: DenialStyle,
-    ) -> Rule {
+    pub fn new(name: &str, prefix: &str, allow: &[TokenKind], preflight: bool, denial: DenialStyle) -> Rule {
         Rule {
             name: Arc::from(name),
             prefix: prefix.to_string(),
@@ -107,13 +99,7 @@ impl Policy {
                 true,
                 DenialStyle::ApiToken,
             ),
-            Rule::new(
-                "admin-api",
-                "/api/admin",
-                &[Admin, Pat],
-                false,
-                DenialStyle::Session,
-            ),
+            Rule::new("admin-api", "/api/admin", &[Admin, Pat], false, DenialStyle::Session),
         ]
     }
 
@@ -121,28 +107,13 @@ impl Policy {
     pub fn new(overrides: Vec<Rule>) -> Policy {
         let mut rules: Vec<Rule> = Policy::unleash_defaults()
             .into_iter()
-            .filter(|d| {
-                !overrides
-                    .iter()
-                    .any(|o| o.name == d.name || o.prefix == d.prefix)
-            })
+            .filter(|d| !overrides.iter().any(|o| o.name == d.name || o.prefix == d.prefix))
             .collect();
         rules.extend(overrides);
-        rules.sort_by(|a, b| {
-            b.prefix
-                .len()
-                .cmp(&a.prefix.len())
-                .then_with(|| a.name.cmp(&b.name))
-        });
+        rules.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()).then_with(|| a.name.cmp(&b.name)));
         Policy {
             rules,
-            unmatched: Rule::new(
-                UNMATCHED,
-                "/",
-                &[TokenKind::Admin],
-                false,
-                DenialStyle::Session,
-            ),
+            unmatched: Rule::new(UNMATCHED, "/", &[TokenKind::Admin], false, DenialStyle::Session),
         }
     }
 
@@ -186,13 +157,7 @@ pub enum Verdict {
 }
 
 /// The authorization decision, pure: `token` is the store's entry for the presented token (if any).
-pub fn decide(
-    rule: &Rule,
-    method: &Method,
-    presented: bool,
-    token: Option<&TokenInfo>,
-    now_unix: i64,
-) -> Verdict {
+pub fn decide(rule: &Rule, method: &Method, presented: bool, token: Option<&TokenInfo>, now_unix: i64) -> Verdict {
     if rule.preflight && method == Method::OPTIONS && !presented {
         return Verdict::Preflight;
     }
@@ -284,23 +249,11 @@ mod tests {
             Verdict::WrongScope
         );
         assert_eq!(
-            decide(
-                client,
-                &get,
-                true,
-                Some(&tok(TokenKind::Client, Some(10))),
-                10
-            ),
+            decide(client, &get, true, Some(&tok(TokenKind::Client, Some(10))), 10),
             Verdict::Expired
         );
-        assert_eq!(
-            decide(front, &Method::OPTIONS, false, None, 0),
-            Verdict::Preflight
-        );
-        assert_eq!(
-            decide(client, &Method::OPTIONS, false, None, 0),
-            Verdict::NoToken
-        );
+        assert_eq!(decide(front, &Method::OPTIONS, false, None, 0), Verdict::Preflight);
+        assert_eq!(decide(client, &Method::OPTIONS, false, None, 0), Verdict::NoToken);
         assert_eq!(
             decide(front, &get, true, Some(&tok(TokenKind::Pat, None)), 0),
             Verdict::WrongScope

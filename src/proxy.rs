@@ -60,12 +60,7 @@ pub struct UnleashMode {
 impl UnleashMode {
     /// A PAT is asked about (rate-capped, coalesced, negatively cached); any other unknown token may pull
     /// the next token sync forward (debounced) and is then looked up once more.
-    async fn resolve_miss(
-        &self,
-        store: &TokenStore,
-        token: &str,
-        digest: Digest,
-    ) -> Option<Arc<TokenInfo>> {
+    async fn resolve_miss(&self, store: &TokenStore, token: &str, digest: Digest) -> Option<Arc<TokenInfo>> {
         if token.starts_with("user:") {
             self.pat.check(token, digest).await
         } else {
@@ -76,17 +71,9 @@ impl UnleashMode {
 }
 
 impl Gateway {
-    pub fn new(
-        cfg: &Config,
-        store: Arc<TokenStore>,
-        metrics: Arc<Metrics>,
-        unleash: Option<UnleashMode>,
-    ) -> Gateway {
+    pub fn new(cfg: &Config, store: Arc<TokenStore>, metrics: Arc<Metrics>, unleash: Option<UnleashMode>) -> Gateway {
         Gateway {
-            client: forward::build_client(
-                cfg.upstream_connect_timeout,
-                metrics.upstream_connections.clone(),
-            ),
+            client: forward::build_client(cfg.upstream_connect_timeout, metrics.upstream_connections.clone()),
             unleash,
             policy: ArcSwap::from_pointee(Policy::new(cfg.routes.clone())),
             store,
@@ -143,18 +130,12 @@ pub async fn handle(
     let result = run_phases(&gw, req, peer, request_id.clone(), &mut out).await;
     let (mut resp, decision, rejection) = match result {
         Ok(resp) => (resp, Decision::Allowed, None),
-        Err(rej) => (
-            rej.into_response().map(Either::Right),
-            rej.decision(),
-            Some(rej),
-        ),
+        Err(rej) => (rej.into_response().map(Either::Right), rej.decision(), Some(rej)),
     };
     resp.headers_mut().insert(REQUEST_ID, request_id.clone());
 
     // 6. record: metrics now, the log line when the body is done.
-    let gateway_time = started
-        .elapsed()
-        .saturating_sub(out.upstream_time.unwrap_or_default());
+    let gateway_time = started.elapsed().saturating_sub(out.upstream_time.unwrap_or_default());
     let status = resp.status();
     let m = &gw.metrics;
     m.requests
@@ -165,8 +146,7 @@ pub async fn handle(
             decision.as_str(),
         ])
         .inc();
-    m.duration_for(&out.route_class)
-        .observe(gateway_time.as_secs_f64());
+    m.duration_for(&out.route_class).observe(gateway_time.as_secs_f64());
     if let Some(t) = out.upstream_time {
         m.upstream_duration
             .with_label_values(&[&out.route_class])
@@ -225,10 +205,7 @@ async fn run_phases(
         let digest = Digest::of(t);
         entry = gw.store.lookup(&digest);
         let result = if entry.is_some() { "hit" } else { "miss" };
-        gw.metrics
-            .token_cache_lookups
-            .with_label_values(&[result])
-            .inc();
+        gw.metrics.token_cache_lookups.with_label_values(&[result]).inc();
         if let (None, Some(unleash)) = (&entry, &gw.unleash) {
             entry = unleash.resolve_miss(&gw.store, t, digest).await;
         }
@@ -261,11 +238,7 @@ async fn run_phases(
 
     // 5. forward
     let sent = Instant::now();
-    let result = tokio::time::timeout(
-        gw.upstream_timeout,
-        gw.client.request(Request::from_parts(parts, body)),
-    )
-    .await;
+    let result = tokio::time::timeout(gw.upstream_timeout, gw.client.request(Request::from_parts(parts, body))).await;
     out.upstream_time = Some(sent.elapsed());
     let resp = result
         .map_err(|_| Rejection::UpstreamTimeout(gw.upstream_timeout))?

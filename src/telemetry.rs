@@ -5,8 +5,8 @@
 use crate::config::LogFormat;
 use crate::token::store::TokenStore;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 pub struct Metrics {
@@ -26,13 +26,13 @@ pub struct Metrics {
     pub sdk_requests: IntCounterVec,
     pub connections: IntGaugeVec,
     pub upstream_connections: IntGauge,
+    pub ready: IntGauge,
     known_apps: arc_swap::ArcSwap<std::collections::HashSet<Box<str>>>,
 }
 
 /// Latency buckets from 50 µs (the gateway's own work) to 10 s (a slow upstream).
 const BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -125,23 +125,22 @@ impl Metrics {
             &["app"],
         ));
         let connections = must(IntGaugeVec::new(
-            Opts::new(
-                "flaggate_connections",
-                "Open client connections, by listener",
-            ),
+            Opts::new("flaggate_connections", "Open client connections, by listener"),
             &["listener"],
         ));
         let upstream_connections = must(IntGauge::new(
             "flaggate_upstream_connections",
             "Open connections to Unleash (pooled keep-alive connections included)",
         ));
+        let ready = must(IntGauge::new(
+            "flaggate_ready",
+            "1 when /ready answers 200 (a token set is loaded and not draining), else 0",
+        ));
         let build_info = must(IntGaugeVec::new(
             Opts::new("flaggate_build_info", "Build information; always 1"),
             &["version"],
         ));
-        build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -158,17 +157,18 @@ impl Metrics {
             Box::new(sdk_requests.clone()),
             Box::new(connections.clone()),
             Box::new(upstream_connections.clone()),
+            Box::new(ready.clone()),
             Box::new(build_info),
         ] {
             must(registry.register(c));
         }
         #[cfg(target_os = "linux")]
-        must(registry.register(Box::new(
-            prometheus::process_collector::ProcessCollector::new(
+        must(
+            registry.register(Box::new(prometheus::process_collector::ProcessCollector::new(
                 std::process::id() as i32,
                 "flaggate",
-            ),
-        )));
+            ))),
+        );
         let m = Metrics {
             registry,
             requests,
@@ -186,6 +186,7 @@ impl Metrics {
             sdk_requests,
             connections,
             upstream_connections,
+            ready,
             known_apps: Default::default(),
         };
         // Label sets known in advance are exported at 0 from the start, so dashboards and alerts see
@@ -193,13 +194,7 @@ impl Metrics {
         for r in ["ok", "unchanged", "error", "rejected"] {
             m.token_sync.with_label_values(&[r]);
         }
-        for r in [
-            "valid",
-            "invalid",
-            "cached_invalid",
-            "rate_limited",
-            "error",
-        ] {
+        for r in ["valid", "invalid", "cached_invalid", "rate_limited", "error"] {
             m.pat_validations.with_label_values(&[r]);
         }
         for r in ["hit", "miss"] {
@@ -219,10 +214,7 @@ impl Metrics {
         if known.contains(app) {
             return app;
         }
-        if known.len() >= crate::proxy::APP_LABEL_CAP
-            || app.is_empty()
-            || !app.bytes().all(|b| b.is_ascii_graphic())
-        {
+        if known.len() >= crate::proxy::APP_LABEL_CAP || app.is_empty() || !app.bytes().all(|b| b.is_ascii_graphic()) {
             return "other";
         }
         drop(known);
@@ -241,8 +233,9 @@ impl Metrics {
     }
 
     /// Prometheus text exposition, with gauges that are cheaper to read than to maintain refreshed first.
-    pub fn render(&self, store: &TokenStore, sync_age: Option<f64>) -> Vec<u8> {
+    pub fn render(&self, store: &TokenStore, sync_age: Option<f64>, ready: bool) -> Vec<u8> {
         self.token_sync_age.set(sync_age.unwrap_or(-1.0));
+        self.ready.set(i64::from(ready));
         self.tokens.reset();
         for (kind, source, n) in store.counts() {
             self.tokens
@@ -281,17 +274,19 @@ pub fn method_label(m: &http::Method) -> &'static str {
 
 /// Installs the global subscriber: `RUST_LOG`-style filter (default `info`), json or pretty lines.
 pub fn init_logging(format: LogFormat) {
+    init_logging_to(format, std::io::stderr);
+}
+
+/// Same, writing somewhere else (tests capture the access log this way).
+pub fn init_logging_to<W>(format: LogFormat, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let _ = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
         LogFormat::Pretty => builder.compact().try_init(),
     };
 }

@@ -68,9 +68,7 @@ impl fmt::Debug for Fingerprint {
 }
 
 /// Token kinds as the gateway's policy sees them. Unleash's `backend` tokens are listed as `client`.
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenKind {
     #[serde(alias = "backend")]
@@ -81,12 +79,7 @@ pub enum TokenKind {
 }
 
 impl TokenKind {
-    pub const ALL: [TokenKind; 4] = [
-        TokenKind::Client,
-        TokenKind::Frontend,
-        TokenKind::Admin,
-        TokenKind::Pat,
-    ];
+    pub const ALL: [TokenKind; 4] = [TokenKind::Client, TokenKind::Frontend, TokenKind::Admin, TokenKind::Pat];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -214,10 +207,7 @@ pub fn parse(token: &str) -> Shape<'_> {
         "[]" => ProjectLabel::Several,
         p => ProjectLabel::One(p),
     };
-    Shape::Api {
-        projects,
-        environment,
-    }
+    Shape::Api { projects, environment }
 }
 
 #[cfg(test)]

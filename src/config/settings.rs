@@ -22,12 +22,7 @@ pub struct Settings {
     #[arg(long, env = "FLAGGATE_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<String>,
     /// Admin token or PAT used to sync the token list from Unleash
-    #[arg(
-        long,
-        env = "FLAGGATE_UPSTREAM_TOKEN",
-        value_name = "TOKEN",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "FLAGGATE_UPSTREAM_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub upstream_token: Option<String>,
     /// How often to sync tokens from Unleash (500ms, 5s, 1m) [default: 5s]
     #[arg(long, env = "FLAGGATE_SYNC_INTERVAL", value_name = "DURATION")]
@@ -39,11 +34,7 @@ pub struct Settings {
     #[arg(long, env = "FLAGGATE_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
     /// Upstream TCP connect timeout [default: 2s]
-    #[arg(
-        long,
-        env = "FLAGGATE_UPSTREAM_CONNECT_TIMEOUT",
-        value_name = "DURATION"
-    )]
+    #[arg(long, env = "FLAGGATE_UPSTREAM_CONNECT_TIMEOUT", value_name = "DURATION")]
     pub upstream_connect_timeout: Option<String>,
     /// Time allowed for Unleash's response headers (streams are exempt once started) [default: 30s]
     #[arg(long, env = "FLAGGATE_UPSTREAM_TIMEOUT", value_name = "DURATION")]
@@ -64,11 +55,7 @@ pub struct Settings {
 
 /// Flag/env names of each key, for error messages.
 fn cli_names(key: &str) -> String {
-    format!(
-        "--{} / FLAGGATE_{}",
-        key.replace('_', "-"),
-        key.to_uppercase()
-    )
+    format!("--{} / FLAGGATE_{}", key.replace('_', "-"), key.to_uppercase())
 }
 
 struct Layers<'a> {
@@ -101,9 +88,7 @@ impl Layers<'_> {
     fn file_origin(&self) -> String {
         format!(
             "config file {}",
-            self.file
-                .map(|p| p.display().to_string())
-                .unwrap_or_default()
+            self.file.map(|p| p.display().to_string()).unwrap_or_default()
         )
     }
 
@@ -135,9 +120,8 @@ impl Settings {
         let file: FileSettings = match file_path {
             Some(p) => {
                 let origin = format!("config file {}", p.display());
-                let text = std::fs::read_to_string(p).map_err(|e| {
-                    ConfigError::new(&origin, "config", format!("cannot read: {e}"))
-                })?;
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| ConfigError::new(&origin, "config", format!("cannot read: {e}")))?;
                 toml::from_str(&text).map_err(|e| {
                     let msg = e.message().to_string();
                     let key = msg
@@ -191,10 +175,7 @@ impl Settings {
             routes.push(parse_rule(file_path.unwrap_or(Path::new("")), i, r)?);
         }
         for (i, r) in routes.iter().enumerate() {
-            if routes[..i]
-                .iter()
-                .any(|o| o.name == r.name || o.prefix == r.prefix)
-            {
+            if routes[..i].iter().any(|o| o.name == r.name || o.prefix == r.prefix) {
                 return Err(ConfigError::new(
                     l.file_origin(),
                     format!("routes[{i}]"),
@@ -204,13 +185,7 @@ impl Settings {
         }
         let cfg = Config {
             config_file: file_path.map(Path::to_path_buf),
-            listen: must(l.pick(
-                "listen",
-                &self.listen,
-                &file.listen,
-                Some(DEFAULT_LISTEN),
-                parse_addr,
-            )?),
+            listen: must(l.pick("listen", &self.listen, &file.listen, Some(DEFAULT_LISTEN), parse_addr)?),
             admin_listen: must(l.pick(
                 "admin_listen",
                 &self.admin_listen,
@@ -281,11 +256,7 @@ impl Settings {
             routes,
         };
         if cfg.listen == cfg.admin_listen && cfg.listen.port() != 0 {
-            return Err(ConfigError::new(
-                "settings",
-                "admin_listen",
-                "must differ from listen",
-            ));
+            return Err(ConfigError::new("settings", "admin_listen", "must differ from listen"));
         }
         Ok((cfg, warnings))
     }
@@ -327,8 +298,14 @@ mod tests {
             ("token_file = \"t\"\nlisten = \"nope\"\n", "`listen`"),
             ("token_file = \"t\"\nupstream = \"ftp://x\"\n", "`upstream`"),
             ("token_file = \"t\"\nsync_interval = \"soon\"\n", "`sync_interval`"),
-            ("token_file = \"t\"\n[[routes]]\nname = \"x\"\nprefix = \"/a/../b\"\nallow = [\"admin\"]\n", "`routes[0].prefix`"),
-            ("token_file = \"t\"\n[[routes]]\nname = \"x\"\nprefix = \"/a\"\nallow = [\"root\"]\n", "`routes[0].allow`"),
+            (
+                "token_file = \"t\"\n[[routes]]\nname = \"x\"\nprefix = \"/a/../b\"\nallow = [\"admin\"]\n",
+                "`routes[0].prefix`",
+            ),
+            (
+                "token_file = \"t\"\n[[routes]]\nname = \"x\"\nprefix = \"/a\"\nallow = [\"root\"]\n",
+                "`routes[0].allow`",
+            ),
         ];
         for (text, want) in cases {
             let (_d, s) = with_file(text);

@@ -26,22 +26,19 @@ impl Upstream {
             .cloned()
             .ok_or_else(|| format!("`{s}` needs a scheme, e.g. http://{s}"))?;
         if scheme == Scheme::HTTPS {
-            return Err(format!("`{s}`: https upstreams are not supported yet; use http:// (TLS arrives with the TLS issue)"));
+            return Err(format!(
+                "`{s}`: https upstreams are not supported yet; use http:// (TLS arrives with the TLS issue)"
+            ));
         }
         if scheme != Scheme::HTTP {
             return Err(format!("`{s}`: scheme must be http"));
         }
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| format!("`{s}` has no host"))?;
+        let authority = uri.authority().cloned().ok_or_else(|| format!("`{s}` has no host"))?;
         if authority.as_str().contains('@') {
             return Err(format!("`{s}`: credentials in the URL are not supported"));
         }
         if uri.query().is_some() {
-            return Err(format!(
-                "`{s}`: a query string makes no sense in a base URL"
-            ));
+            return Err(format!("`{s}`: a query string makes no sense in a base URL"));
         }
         let mut base_path = uri.path().trim_end_matches('/').to_string();
         let mut warning = None;

@@ -28,22 +28,15 @@ pub fn build_client(connect_timeout: Duration, open_gauge: prometheus::IntGauge)
 }
 
 /// `upstream + canonical path + untouched query`: the authorized path, byte for byte.
-pub fn upstream_uri(
-    up: &Upstream,
-    path: &CanonicalPath<'_>,
-    query: Option<&str>,
-) -> Result<Uri, Rejection> {
-    let mut pq = String::with_capacity(
-        up.base_path.len() + path.as_str().len() + query.map_or(0, |q| q.len() + 1),
-    );
+pub fn upstream_uri(up: &Upstream, path: &CanonicalPath<'_>, query: Option<&str>) -> Result<Uri, Rejection> {
+    let mut pq = String::with_capacity(up.base_path.len() + path.as_str().len() + query.map_or(0, |q| q.len() + 1));
     pq.push_str(&up.base_path);
     pq.push_str(path.as_str());
     if let Some(q) = query {
         pq.push('?');
         pq.push_str(q);
     }
-    let pq = PathAndQuery::from_maybe_shared(pq)
-        .map_err(|e| Rejection::Internal(format!("forward URI: {e}")))?;
+    let pq = PathAndQuery::from_maybe_shared(pq).map_err(|e| Rejection::Internal(format!("forward URI: {e}")))?;
     Uri::builder()
         .scheme(up.scheme.clone())
         .authority(up.authority.clone())

@@ -61,9 +61,7 @@ pub fn strip_gateway_set(headers: &mut HeaderMap) {
             .keys()
             .filter(|k| {
                 let dashed = k.as_str().replace('_', "-");
-                GATEWAY_SET.iter().any(|g| g.as_str() == dashed)
-                    || dashed == "authorization"
-                    || dashed == "host"
+                GATEWAY_SET.iter().any(|g| g.as_str() == dashed) || dashed == "authorization" || dashed == "host"
             })
             .cloned()
             .collect();
@@ -74,12 +72,7 @@ pub fn strip_gateway_set(headers: &mut HeaderMap) {
 }
 
 /// Sets the de-facto forwarding headers from what the gateway itself observed.
-pub fn set_forwarded(
-    headers: &mut HeaderMap,
-    client_ip: IpAddr,
-    proto: &'static str,
-    host: Option<HeaderValue>,
-) {
+pub fn set_forwarded(headers: &mut HeaderMap, client_ip: IpAddr, proto: &'static str, host: Option<HeaderValue>) {
     if let Ok(v) = HeaderValue::from_str(&client_ip.to_string()) {
         headers.insert(HeaderName::from_static("x-forwarded-for"), v);
     }

@@ -83,16 +83,11 @@ impl Body for LoggedBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         let polled = match &mut this.inner {
             http_body_util::Either::Left(b) => Pin::new(b).poll_frame(cx),
-            http_body_util::Either::Right(b) => {
-                Pin::new(b).poll_frame(cx).map_err(|never| match never {})
-            }
+            http_body_util::Either::Right(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {

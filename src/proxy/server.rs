@@ -35,12 +35,7 @@ pub fn conn_builder(limits: ConnLimits) -> auto::Builder<TokioExecutor> {
 }
 
 /// Serves `listener` until `stop` turns true, then lets open connections finish their current request.
-pub async fn serve_proxy(
-    listener: TcpListener,
-    gw: Arc<Gateway>,
-    limits: ConnLimits,
-    mut stop: watch::Receiver<bool>,
-) {
+pub async fn serve_proxy(listener: TcpListener, gw: Arc<Gateway>, limits: ConnLimits, mut stop: watch::Receiver<bool>) {
     let builder = conn_builder(limits);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
@@ -61,9 +56,7 @@ pub async fn serve_proxy(
         open.inc();
         let gw = gw.clone();
         let svc = service_fn(move |req| handle(gw.clone(), req, peer));
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), svc)
-            .into_owned();
+        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -77,18 +70,11 @@ pub async fn serve_proxy(
 }
 
 /// A minimal loop for small internal servers (admin listener, demo upstream).
-pub async fn serve_simple<F, Fut>(
-    listener: TcpListener,
-    handler: F,
-    mut stop: watch::Receiver<bool>,
-) where
+pub async fn serve_simple<F, Fut>(listener: TcpListener, handler: F, mut stop: watch::Receiver<bool>)
+where
     F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<
-            Output = Result<
-                http::Response<http_body_util::Full<bytes::Bytes>>,
-                std::convert::Infallible,
-            >,
-        > + Send
+    Fut: Future<Output = Result<http::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible>>
+        + Send
         + 'static,
 {
     let builder = conn_builder(ConnLimits {

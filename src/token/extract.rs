@@ -35,9 +35,7 @@ pub fn token_from_value(value: &str) -> Option<&str> {
         return None;
     }
     let token = match value.get(..7) {
-        Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => {
-            value[7..].trim_start_matches([' ', '\t'])
-        }
+        Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => value[7..].trim_start_matches([' ', '\t']),
         _ => value,
     };
     (!token.is_empty()).then_some(token)

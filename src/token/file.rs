@@ -61,38 +61,16 @@ pub fn parse_token_file(path: &Path, text: &str) -> Result<TokenSet, TokenFileEr
         };
         let digest = match (&e.secret, &e.sha256) {
             (Some(s), None) if !s.trim().is_empty() && s.trim() == s => Digest::of(s),
-            (Some(_), None) => {
-                return Err(bad(
-                    "secret",
-                    "must be non-empty without surrounding spaces".into(),
-                ))
-            }
-            (None, Some(h)) => Digest::from_hex(h.trim()).ok_or_else(|| {
-                bad(
-                    "sha256",
-                    "must be 64 hex digits (SHA-256 of the whole token)".into(),
-                )
-            })?,
-            (Some(_), Some(_)) => {
-                return Err(bad(
-                    "secret",
-                    "give either `secret` or `sha256`, not both".into(),
-                ))
-            }
-            (None, None) => {
-                return Err(bad(
-                    "secret",
-                    "one of `secret` or `sha256` is required".into(),
-                ))
-            }
+            (Some(_), None) => return Err(bad("secret", "must be non-empty without surrounding spaces".into())),
+            (None, Some(h)) => Digest::from_hex(h.trim())
+                .ok_or_else(|| bad("sha256", "must be 64 hex digits (SHA-256 of the whole token)".into()))?,
+            (Some(_), Some(_)) => return Err(bad("secret", "give either `secret` or `sha256`, not both".into())),
+            (None, None) => return Err(bad("secret", "one of `secret` or `sha256` is required".into())),
         };
         let kind = TokenKind::parse_name(&e.kind).ok_or_else(|| {
             bad(
                 "type",
-                format!(
-                    "`{}` is not one of client, backend, frontend, admin, pat",
-                    e.kind
-                ),
+                format!("`{}` is not one of client, backend, frontend, admin, pat", e.kind),
             )
         })?;
         let expires_at = match &e.expires_at {
@@ -113,10 +91,7 @@ pub fn parse_token_file(path: &Path, text: &str) -> Result<TokenSet, TokenFileEr
             source: TokenSource::File,
         };
         if set.insert(digest, Arc::new(info)).is_some() {
-            return Err(bad(
-                "secret",
-                format!("token {} is listed twice", digest.fingerprint()),
-            ));
+            return Err(bad("secret", format!("token {} is listed twice", digest.fingerprint())));
         }
     }
     Ok(set)
@@ -239,10 +214,7 @@ tokens:
         let cases = [
             ("tokens:\n  - {secret: a, type: root}\n", "tokens[0].type"),
             ("tokens:\n  - {type: client}\n", "tokens[0].secret"),
-            (
-                "tokens:\n  - {sha256: abc, type: client}\n",
-                "tokens[0].sha256",
-            ),
+            ("tokens:\n  - {sha256: abc, type: client}\n", "tokens[0].sha256"),
             (
                 "tokens:\n  - {secret: a, type: client, expires_at: soon}\n",
                 "tokens[0].expires_at",

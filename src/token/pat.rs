@@ -75,10 +75,7 @@ impl PatValidator {
             return Some(hit);
         }
         // Concurrent misses for the same PAT share this one future (moka's get-with coalescing).
-        let result = self
-            .positive
-            .try_get_with(digest, self.validate(token, digest))
-            .await;
+        let result = self.positive.try_get_with(digest, self.validate(token, digest)).await;
         match result {
             Ok(info) => Some(info),
             Err(e) => {
@@ -104,10 +101,7 @@ impl PatValidator {
     }
 
     fn count(&self, result: &str) {
-        self.metrics
-            .pat_validations
-            .with_label_values(&[result])
-            .inc();
+        self.metrics.pat_validations.with_label_values(&[result]).inc();
     }
 
     async fn validate(&self, token: &str, digest: Digest) -> Result<Arc<TokenInfo>, Miss> {
@@ -122,14 +116,13 @@ impl PatValidator {
             .body(Empty::<Bytes>::new())
             .map_err(|_| Miss::Upstream)?;
         req.headers_mut().insert(AUTHORIZATION, value);
-        let resp =
-            match tokio::time::timeout(Duration::from_secs(10), self.client.request(req)).await {
-                Ok(Ok(r)) => r,
-                _ => {
-                    self.count("error");
-                    return Err(Miss::Upstream);
-                }
-            };
+        let resp = match tokio::time::timeout(Duration::from_secs(10), self.client.request(req)).await {
+            Ok(Ok(r)) => r,
+            _ => {
+                self.count("error");
+                return Err(Miss::Upstream);
+            }
+        };
         match resp.status() {
             StatusCode::OK => {
                 self.count("valid");

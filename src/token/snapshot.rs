@@ -67,8 +67,7 @@ pub fn write(dir: &Path, set: &TokenSet) -> std::io::Result<()> {
 pub fn read(dir: &Path) -> Result<TokenSet, String> {
     let p = path_in(dir);
     let bytes = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-    let snap: Snapshot =
-        serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", p.display()))?;
+    let snap: Snapshot = serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", p.display()))?;
     if snap.version != 1 {
         return Err(format!(
             "{}: unsupported snapshot version {}",
@@ -78,8 +77,7 @@ pub fn read(dir: &Path) -> Result<TokenSet, String> {
     }
     let mut set = TokenSet::with_capacity(snap.tokens.len());
     for e in snap.tokens {
-        let d =
-            Digest::from_hex(&e.sha256).ok_or_else(|| format!("{}: bad digest", p.display()))?;
+        let d = Digest::from_hex(&e.sha256).ok_or_else(|| format!("{}: bad digest", p.display()))?;
         set.insert(
             d,
             Arc::new(TokenInfo {

@@ -112,9 +112,7 @@ impl TokenStore {
     }
 }
 
-fn count_effective(
-    sets: &BTreeMap<TokenSource, Arc<TokenSet>>,
-) -> BTreeMap<(TokenKind, TokenSource), usize> {
+fn count_effective(sets: &BTreeMap<TokenSource, Arc<TokenSet>>) -> BTreeMap<(TokenKind, TokenSource), usize> {
     let mut counts = BTreeMap::new();
     let mut seen: Vec<&TokenSet> = Vec::new();
     for (&source, set) in sets {
@@ -153,10 +151,7 @@ mod tests {
         assert!(!store.is_loaded());
         let (a, ia) = info(TokenKind::Client, TokenSource::File, "a");
         let (b, ib) = info(TokenKind::Frontend, TokenSource::File, "b");
-        let s = store.replace_source(
-            TokenSource::File,
-            TokenSet::from([(a, ia), (b, ib.clone())]),
-        );
+        let s = store.replace_source(TokenSource::File, TokenSet::from([(a, ia), (b, ib.clone())]));
         assert_eq!((s.added, s.updated, s.removed), (2, 0, 0));
         assert!(store.is_loaded());
         assert_eq!(store.lookup(&a).unwrap().kind, TokenKind::Client);
@@ -176,10 +171,7 @@ mod tests {
         store.replace_source(TokenSource::Unleash, TokenSet::from([(a, from_unleash)]));
         store.replace_source(TokenSource::File, TokenSet::from([(a, from_file)]));
         assert_eq!(store.lookup(&a).unwrap().kind, TokenKind::Frontend);
-        assert_eq!(
-            store.counts(),
-            vec![(TokenKind::Frontend, TokenSource::File, 1)]
-        );
+        assert_eq!(store.counts(), vec![(TokenKind::Frontend, TokenSource::File, 1)]);
         store.replace_source(TokenSource::File, TokenSet::new());
         assert_eq!(store.lookup(&a).unwrap().kind, TokenKind::Client);
     }

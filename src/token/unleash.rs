@@ -80,8 +80,7 @@ struct ApiToken {
 
 /// Parses Unleash's token list into digests and metadata; the secrets are dropped here.
 pub fn parse_token_list(body: &[u8]) -> Result<(TokenSet, usize), SyncError> {
-    let list: TokenList =
-        serde_json::from_slice(body).map_err(|e| SyncError::Garbage(e.to_string()))?;
+    let list: TokenList = serde_json::from_slice(body).map_err(|e| SyncError::Garbage(e.to_string()))?;
     let mut set = TokenSet::with_capacity(list.tokens.len());
     let mut skipped = 0;
     // Most tokens share a handful of project lists; share one allocation per distinct list.
@@ -196,8 +195,8 @@ impl UnleashSync {
         metrics: Arc<Metrics>,
         state_dir: Option<PathBuf>,
     ) -> Result<UnleashSync, String> {
-        let mut token = HeaderValue::from_str(token.expose())
-            .map_err(|_| "upstream token is not visible ASCII".to_string())?;
+        let mut token =
+            HeaderValue::from_str(token.expose()).map_err(|_| "upstream token is not visible ASCII".to_string())?;
         token.set_sensitive(true);
         Ok(UnleashSync {
             client,
@@ -236,12 +235,7 @@ impl UnleashSync {
         let seen = *rx.borrow_and_update();
         // A sync already under way may have fetched the list before the new token existed: then wait for
         // the one after it, which the notification below starts right away.
-        let target = seen
-            + if self.in_flight.load(Ordering::Acquire) {
-                2
-            } else {
-                1
-            };
+        let target = seen + if self.in_flight.load(Ordering::Acquire) { 2 } else { 1 };
         self.wake.notify_one();
         let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|g| *g >= target)).await;
     }
@@ -263,9 +257,7 @@ impl UnleashSync {
         match resp.status() {
             StatusCode::NOT_MODIFIED => return Ok("unchanged"),
             StatusCode::OK => {}
-            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
-                return Err(SyncError::Rejected(s.as_u16()))
-            }
+            s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => return Err(SyncError::Rejected(s.as_u16())),
             s => return Err(SyncError::Status(s.as_u16())),
         }
         let etag = resp.headers().get(ETAG).cloned();
@@ -280,10 +272,7 @@ impl UnleashSync {
         let (set, skipped) = parse_token_list(&body)?;
         drop(body);
         if skipped > 0 {
-            tracing::debug!(
-                skipped,
-                "token list entries of unknown type or bad expiry skipped"
-            );
+            tracing::debug!(skipped, "token list entries of unknown type or bad expiry skipped");
         }
         let snapshot = self.state_dir.clone().map(|dir| (dir, set.clone()));
         let stats = self.store.replace_source(TokenSource::Unleash, set);
@@ -313,10 +302,7 @@ impl UnleashSync {
             Ok(set) => {
                 let n = set.len();
                 self.store.replace_source(TokenSource::Unleash, set);
-                tracing::warn!(
-                    tokens = n,
-                    "Unleash unavailable at start: serving the token snapshot"
-                );
+                tracing::warn!(tokens = n, "Unleash unavailable at start: serving the token snapshot");
             }
             Err(e) => tracing::warn!(error = %e, "no usable token snapshot"),
         }
@@ -339,9 +325,7 @@ impl UnleashSync {
                 Ok(label) => {
                     let now = now_ms();
                     self.status.last_success_ms.store(now, Ordering::Release);
-                    self.metrics
-                        .token_sync_last_success
-                        .set(now as f64 / 1000.0);
+                    self.metrics.token_sync_last_success.set(now as f64 / 1000.0);
                     self.metrics.token_sync.with_label_values(&[label]).inc();
                     if failing.take().is_some() {
                         tracing::info!("token sync recovered");
@@ -421,10 +405,7 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error() {
-        assert!(matches!(
-            parse_token_list(b"<html>"),
-            Err(SyncError::Garbage(_))
-        ));
+        assert!(matches!(parse_token_list(b"<html>"), Err(SyncError::Garbage(_))));
         assert!(matches!(
             parse_token_list(b"{\"tokens\": 3}"),
             Err(SyncError::Garbage(_))

@@ -45,10 +45,7 @@ fn sdk_headers() -> HeaderMap {
         ("unleash-appname", "checkout"),
         ("unleash-instanceid", "checkout-1"),
         ("unleash-sdk", "unleash-node-sdk:6.12.1"),
-        (
-            "unleash-connection-id",
-            "cdeb1d5f-7213-4217-accc-f0dbf9f71e95",
-        ),
+        ("unleash-connection-id", "cdeb1d5f-7213-4217-accc-f0dbf9f71e95"),
         ("accept", "*/*"),
         ("accept-encoding", "gzip,deflate"),
         ("connection", "keep-alive"),
@@ -76,15 +73,7 @@ fn bench(c: &mut Criterion) {
     let path = canonicalize("/api/client/features").unwrap();
     let entry = store.lookup(&Digest::of(TOKEN)).unwrap();
     g.bench_function("route_and_decide", |b| {
-        b.iter(|| {
-            decide(
-                policy.route(black_box(&path)),
-                &Method::GET,
-                true,
-                Some(&entry),
-                0,
-            )
-        })
+        b.iter(|| decide(policy.route(black_box(&path)), &Method::GET, true, Some(&entry), 0))
     });
     g.bench_function("header_hygiene", |b| {
         b.iter_batched(

@@ -40,34 +40,23 @@ const REJECTED: &[(&str, &str)] = &[
 #[tokio::test]
 async fn every_non_canonical_form_is_a_400_with_json_and_never_forwarded() {
     let up = upstream().route("*", |_| ok_json("{}")).run().await;
-    let gw = gateway()
-        .upstream(up.url())
-        .token(ADMIN, "admin")
-        .start()
-        .await;
+    let gw = gateway().upstream(up.url()).token(ADMIN, "admin").start().await;
     for (path, code) in REJECTED {
         let req = format!("GET {path} HTTP/1.1\r\nHost: gw\r\nAuthorization: {ADMIN}\r\nConnection: close\r\n\r\n");
         let reply = raw(gw.addr, req.as_bytes()).await;
         assert_eq!(raw_status(&reply), 400, "{path}: {reply}");
         let body = reply.split("\r\n\r\n").nth(1).unwrap_or("");
-        let json: serde_json::Value =
-            serde_json::from_str(body).unwrap_or_else(|_| panic!("{path}: body {body:?}"));
+        let json: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("{path}: body {body:?}"));
         assert_eq!(json["code"], *code, "{path}");
     }
     // Raw bytes that hyper itself refuses (backslash, NUL, non-ASCII) must not get through either.
-    for path in [
-        "/api/client\\..\\admin",
-        "/api/client/\0",
-        "/api/cli\u{e9}nt",
-    ] {
+    for path in ["/api/client\\..\\admin", "/api/client/\0", "/api/cli\u{e9}nt"] {
         let req = format!("GET {path} HTTP/1.1\r\nHost: gw\r\nAuthorization: {ADMIN}\r\nConnection: close\r\n\r\n");
         let status = raw_status(&raw(gw.addr, req.as_bytes()).await);
         assert!(status == 400 || status == 0, "{path:?}: {status}");
     }
     let long = format!("/api/client/{}", "a".repeat(3000));
-    let req = format!(
-        "GET {long} HTTP/1.1\r\nHost: gw\r\nAuthorization: {ADMIN}\r\nConnection: close\r\n\r\n"
-    );
+    let req = format!("GET {long} HTTP/1.1\r\nHost: gw\r\nAuthorization: {ADMIN}\r\nConnection: close\r\n\r\n");
     assert_eq!(raw_status(&raw(gw.addr, req.as_bytes()).await), 400);
     assert_eq!(up.count(), 0, "upstream saw {:?}", up.seen());
 }
@@ -77,11 +66,7 @@ async fn every_non_canonical_form_is_a_400_with_json_and_never_forwarded() {
 #[tokio::test]
 async fn a_raw_fragment_is_dropped_before_the_decision_and_never_forwarded() {
     let up = upstream().route("*", |_| ok_json("{}")).run().await;
-    let gw = gateway()
-        .upstream(up.url())
-        .token(CLIENT, "client")
-        .start()
-        .await;
+    let gw = gateway().upstream(up.url()).token(CLIENT, "client").start().await;
     let req = format!("GET /api/client/features#/../../admin/projects HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nConnection: close\r\n\r\n");
     assert_eq!(raw_status(&raw(gw.addr, req.as_bytes()).await), 200);
     let req = format!("GET /api/admin/projects#/api/client HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nConnection: close\r\n\r\n");
@@ -93,18 +78,10 @@ async fn a_raw_fragment_is_dropped_before_the_decision_and_never_forwarded() {
 #[tokio::test]
 async fn absolute_form_and_asterisk_targets_are_refused() {
     let up = upstream().route("*", |_| ok_json("{}")).run().await;
-    let gw = gateway()
-        .upstream(up.url())
-        .token(CLIENT, "client")
-        .start()
-        .await;
+    let gw = gateway().upstream(up.url()).token(CLIENT, "client").start().await;
     for target in ["http://evil.example/api/client/features", "*"] {
         let req = format!("GET {target} HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nConnection: close\r\n\r\n");
-        assert_eq!(
-            raw_status(&raw(gw.addr, req.as_bytes()).await),
-            400,
-            "{target}"
-        );
+        assert_eq!(raw_status(&raw(gw.addr, req.as_bytes()).await), 400, "{target}");
     }
     assert_eq!(up.count(), 0);
 }
@@ -112,15 +89,13 @@ async fn absolute_form_and_asterisk_targets_are_refused() {
 #[tokio::test]
 async fn repeated_slashes_are_collapsed_and_what_is_authorized_is_what_is_forwarded() {
     let up = upstream().route("*", |_| ok_json("{}")).run().await;
-    let gw = gateway()
-        .upstream(up.url())
-        .token(CLIENT, "client")
-        .start()
-        .await;
+    let gw = gateway().upstream(up.url()).token(CLIENT, "client").start().await;
     let req = format!("GET //api//client///features/?a=%2e%2e//b HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nConnection: close\r\n\r\n");
     assert_eq!(raw_status(&raw(gw.addr, req.as_bytes()).await), 200);
     // A client token must not reach admin via a doubled slash either.
-    let req = format!("GET /api//admin/projects HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "GET /api//admin/projects HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nConnection: close\r\n\r\n"
+    );
     assert_eq!(raw_status(&raw(gw.addr, req.as_bytes()).await), 403);
     let seen = up.seen();
     assert_eq!(seen.len(), 1);
@@ -150,11 +125,7 @@ fn segment() -> impl Strategy<Value = String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn property_forwarded_path_equals_authorized_canonical_path() {
     let up = upstream().route("*", |_| ok_json("{}")).run().await;
-    let gw = gateway()
-        .upstream(up.url())
-        .token(ADMIN, "admin")
-        .start()
-        .await;
+    let gw = gateway().upstream(up.url()).token(ADMIN, "admin").start().await;
     let mut runner = TestRunner::new(PtConfig {
         cases: 300,
         ..PtConfig::default()
@@ -182,19 +153,13 @@ async fn property_forwarded_path_equals_authorized_canonical_path() {
                 );
                 // Re-parsing the forwarded path yields the same canonical path (a fixed point).
                 assert_eq!(
-                    flaggate::path::canonicalize(&seen[0].target)
-                        .unwrap()
-                        .as_str(),
+                    flaggate::path::canonicalize(&seen[0].target).unwrap().as_str(),
                     canonical.as_str()
                 );
             }
             Err(_) => {
                 assert!(status == 400 || status == 0, "{path}: {status}");
-                assert!(
-                    seen.is_empty(),
-                    "{path} reached upstream as {:?}",
-                    seen[0].target
-                );
+                assert!(seen.is_empty(), "{path} reached upstream as {:?}", seen[0].target);
             }
         }
     }

@@ -55,11 +55,7 @@ fn config_errors_name_the_file_the_key_and_the_reason_and_exit_nonzero() {
     for (text, key, reason) in cases {
         let cfg = write(&dir, "flaggate.toml", &text);
         for sub in [&["check-config"][..], &["run"][..]] {
-            let out = flaggate()
-                .args(sub)
-                .args(["--config", &cfg])
-                .output()
-                .unwrap();
+            let out = flaggate().args(sub).args(["--config", &cfg]).output().unwrap();
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "{sub:?} {key}: exited 0");
             assert!(
@@ -108,36 +104,17 @@ fn precedence_is_flag_over_env_over_file_and_check_config_redacts_secrets() {
         &format!("token_file = {tokens:?}\nlisten = \"127.0.0.1:1001\"\nadmin_listen = \"127.0.0.1:2001\"\nsync_interval = \"1m\"\nupstream_token = \"*:*.file-secret-value\"\n"),
     );
     let out = flaggate()
-        .args([
-            "check-config",
-            "--config",
-            &cfg,
-            "--listen",
-            "127.0.0.1:1002",
-        ])
+        .args(["check-config", "--config", &cfg, "--listen", "127.0.0.1:1002"])
         .env("FLAGGATE_LISTEN", "127.0.0.1:1003")
         .env("FLAGGATE_ADMIN_LISTEN", "127.0.0.1:2003")
         .env("FLAGGATE_UPSTREAM_TOKEN", "*:*.env-secret-value")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        text.contains("listen = 127.0.0.1:1002"),
-        "flag wins: {text}"
-    );
-    assert!(
-        text.contains("admin_listen = 127.0.0.1:2003"),
-        "env beats file: {text}"
-    );
-    assert!(
-        text.contains("sync_interval = 1m"),
-        "file beats default: {text}"
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("listen = 127.0.0.1:1002"), "flag wins: {text}");
+    assert!(text.contains("admin_listen = 127.0.0.1:2003"), "env beats file: {text}");
+    assert!(text.contains("sync_interval = 1m"), "file beats default: {text}");
     assert!(text.contains("upstream_token = <redacted"), "{text}");
     assert!(!text.contains("secret-value"), "secret printed: {text}");
 }
@@ -180,11 +157,7 @@ fn token_explain_shows_kind_and_reach_but_never_the_secret() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("kind:        frontend"), "{text}");
     assert!(text.contains("environment: production"), "{text}");
     assert!(
@@ -255,18 +228,13 @@ fn demo_prints_curl_lines_that_give_the_statuses_they_claim() {
         .iter()
         .filter(|l| l.trim_start().starts_with("curl "))
         .map(|l| {
-            let (cmd, rest) = l
-                .split_once("   # expect ")
-                .expect("curl line has an expectation");
+            let (cmd, rest) = l.split_once("   # expect ").expect("curl line has an expectation");
             (cmd.trim().to_string(), rest[..3].parse().unwrap())
         })
         .collect();
     assert!(curls.len() >= 8, "demo printed: {lines:#?}");
     for want in [200, 401, 403, 400] {
-        assert!(
-            curls.iter().any(|(_, s)| *s == want),
-            "no line shows {want}"
-        );
+        assert!(curls.iter().any(|(_, s)| *s == want), "no line shows {want}");
     }
     let mut failures = Vec::new();
     for (cmd, want) in &curls {

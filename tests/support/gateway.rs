@@ -30,10 +30,7 @@ impl TokenSpec {
 pub fn token_yaml(tokens: &[TokenSpec]) -> String {
     let mut s = String::from("tokens:\n");
     for t in tokens {
-        s.push_str(&format!(
-            "  - secret: {:?}\n    type: {}\n",
-            t.secret, t.kind
-        ));
+        s.push_str(&format!("  - secret: {:?}\n    type: {}\n", t.secret, t.kind));
         if let Some(e) = &t.expires_at {
             s.push_str(&format!("    expires_at: {e}\n"));
         }
@@ -108,8 +105,7 @@ impl Builder {
         if !self.token_file {
             s.token_file = None;
         } else {
-            s.token_file
-                .get_or_insert_with(|| token_file.display().to_string());
+            s.token_file.get_or_insert_with(|| token_file.display().to_string());
         }
         if let Some(d) = &self.state_dir {
             s.state_dir = Some(d.display().to_string());

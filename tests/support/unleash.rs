@@ -21,11 +21,10 @@ pub struct UnleashState {
 
 impl UnleashState {
     pub fn add(&self, secret: &str, kind: &str, expires_at: Option<&str>) {
-        self.tokens.lock().unwrap().push((
-            secret.into(),
-            kind.into(),
-            expires_at.map(String::from),
-        ));
+        self.tokens
+            .lock()
+            .unwrap()
+            .push((secret.into(), kind.into(), expires_at.map(String::from)));
         self.version.fetch_add(1, Ordering::SeqCst);
     }
     pub fn remove(&self, secret: &str) {
@@ -80,7 +79,10 @@ pub async fn mock_unleash() -> MockUnleash {
     let up = upstream()
         .route("/api/admin/api-tokens", move |r| {
             if r.header("authorization") != Some(SYNC_TOKEN) {
-                return json(StatusCode::UNAUTHORIZED, r#"{"name":"UnauthorizedError","message":"You must log in to use Unleash."}"#);
+                return json(
+                    StatusCode::UNAUTHORIZED,
+                    r#"{"name":"UnauthorizedError","message":"You must log in to use Unleash."}"#,
+                );
             }
             match s1.failure.load(Ordering::SeqCst) {
                 0 => {}
@@ -100,11 +102,16 @@ pub async fn mock_unleash() -> MockUnleash {
             resp
         })
         .route("/api/admin/user", move |r| {
-            let ok = r.header("authorization").is_some_and(|a| s2.pats.lock().unwrap().contains(a));
+            let ok = r
+                .header("authorization")
+                .is_some_and(|a| s2.pats.lock().unwrap().contains(a));
             if ok {
                 ok_json(r#"{"user":{"id":1,"username":"admin"},"permissions":[{"permission":"ADMIN"}]}"#)
             } else {
-                json(StatusCode::UNAUTHORIZED, r#"{"name":"UnauthorizedError","message":"You must log in to use Unleash."}"#)
+                json(
+                    StatusCode::UNAUTHORIZED,
+                    r#"{"name":"UnauthorizedError","message":"You must log in to use Unleash."}"#,
+                )
             }
         })
         .route("*", |_| ok_json(r#"{"ok":true}"#))

@@ -48,11 +48,7 @@ pub fn upstream() -> Builder {
 
 impl Builder {
     /// Answers requests whose path equals `path` (or any path for `"*"`); first match wins.
-    pub fn route(
-        mut self,
-        path: &str,
-        f: impl Fn(&Recorded) -> Response<MockBody> + Send + Sync + 'static,
-    ) -> Self {
+    pub fn route(mut self, path: &str, f: impl Fn(&Recorded) -> Response<MockBody> + Send + Sync + 'static) -> Self {
         self.routes.push((path.to_string(), Arc::new(f)));
         self
     }
@@ -76,11 +72,7 @@ impl Builder {
                         let routes = routes.clone();
                         async move {
                             let (parts, body) = req.into_parts();
-                            let body = body
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes())
-                                .unwrap_or_default();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                             let rec = Recorded {
                                 method: parts.method,
                                 target: parts
@@ -97,9 +89,7 @@ impl Builder {
                                 .iter()
                                 .find(|(p, _)| p == "*" || p == rec.path())
                                 .map(|(_, h)| h(&rec))
-                                .unwrap_or_else(|| {
-                                    json(StatusCode::NOT_FOUND, r#"{"name":"NotFoundError"}"#)
-                                });
+                                .unwrap_or_else(|| json(StatusCode::NOT_FOUND, r#"{"name":"NotFoundError"}"#));
                             Ok::<_, Infallible>(resp)
                         }
                     });
@@ -163,10 +153,7 @@ pub struct ChannelBody(pub mpsc::Receiver<Bytes>);
 impl hyper::body::Body for ChannelBody {
     type Data = Bytes;
     type Error = Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
     }
 }

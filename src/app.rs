@@ -1,19 +1,25 @@
-//! Wiring: turns a [`Config`] into running listeners, token sources and watchers, and stops them.
+//! Wiring: turns a [`Config`] into running listeners, token sources and watchers; reloads what can be
+//! reloaded; stops everything.
 
 use crate::admin::{self, AdminState};
-use crate::config::Config;
-use crate::proxy::server::{serve_proxy, serve_simple, ConnLimits};
-use crate::proxy::{Gateway, UnleashMode};
+use crate::config::{Config, Settings};
+use crate::proxy::server::{serve_proxy, serve_simple, ServeOpts};
+use crate::proxy::{Gateway, Live, UnleashMode};
 use crate::telemetry::Metrics;
+use crate::tls::{Acceptor, TlsError};
 use crate::token::file::{apply_token_file, watch_token_file, TokenFileError};
 use crate::token::pat::{PatLimits, PatValidator};
 use crate::token::store::TokenStore;
 use crate::token::unleash::{control_client, UnleashSync};
+use crate::token::TokenSource;
+use notify::{RecursiveMode, Watcher};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,9 +32,11 @@ pub enum StartError {
     },
     #[error(transparent)]
     TokenFile(#[from] TokenFileError),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
     #[error("Unleash sync: {0}")]
     Unleash(String),
-    #[error("cannot watch token file {path}: {source}")]
+    #[error("cannot watch {path}: {source}")]
     Watch { path: String, source: notify::Error },
 }
 
@@ -39,6 +47,7 @@ pub struct Running {
     pub gateway: Arc<Gateway>,
     admin: Arc<AdminState>,
     stop: watch::Sender<bool>,
+    reload: mpsc::Sender<()>,
     tasks: Vec<JoinHandle<()>>,
     _watchers: Vec<notify::RecommendedWatcher>,
 }
@@ -49,45 +58,62 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartE
         .map_err(|source| StartError::Bind { key, addr, source })
 }
 
-pub async fn start(cfg: Config) -> Result<Running, StartError> {
-    let store = Arc::new(TokenStore::new());
-    let metrics = Arc::new(Metrics::new());
-    let mut watchers = Vec::new();
+/// The token-file source: loaded once (errors stop the start), then watched. Replaced whole when a
+/// reload names another file.
+struct FileSource {
+    _watcher: notify::RecommendedWatcher,
+}
 
-    if let Some(path) = &cfg.token_file {
-        apply_token_file(&store, path)?;
-        metrics.token_source_updates.with_label_values(&["file", "ok"]).inc();
-        let m = metrics.clone();
-        let on_result = Arc::new(move |r: Result<(), &TokenFileError>| {
-            let result = if r.is_ok() { "ok" } else { "error" };
-            m.token_source_updates.with_label_values(&["file", result]).inc();
-        });
-        let w = watch_token_file(store.clone(), path.clone(), on_result).map_err(|source| StartError::Watch {
+fn start_file_source(store: &Arc<TokenStore>, metrics: &Arc<Metrics>, path: PathBuf) -> Result<FileSource, StartError> {
+    let applied = apply_token_file(store, &path)?;
+    metrics.token_source_updates.with_label_values(&["file", "ok"]).inc();
+    let m = metrics.clone();
+    let on_result = Arc::new(move |r: Result<(), &TokenFileError>| {
+        let result = if r.is_ok() { "ok" } else { "error" };
+        m.token_source_updates.with_label_values(&["file", result]).inc();
+    });
+    let watcher =
+        watch_token_file(store.clone(), path.clone(), applied, on_result).map_err(|source| StartError::Watch {
             path: path.display().to_string(),
             source,
         })?;
-        watchers.push(w);
-    }
+    Ok(FileSource { _watcher: watcher })
+}
+
+/// Starts the gateway. With `settings`, the config file is watched and [`Running::reload`] works: the
+/// settings are resolved again (re-reading the file) and the reloadable part is swapped in.
+pub async fn start(cfg: Config, settings: Option<Settings>) -> Result<Running, StartError> {
+    let store = Arc::new(TokenStore::new());
+    let metrics = Arc::new(Metrics::new());
+    let mut watchers = Vec::new();
+    let file_source = match &cfg.token_file {
+        Some(p) => Some(start_file_source(&store, &metrics, p.clone())?),
+        None => None,
+    };
+
+    let tls = match &cfg.tls {
+        Some(files) => {
+            let acceptor = Acceptor::new(files)?;
+            watchers.push(acceptor.watch(files.clone()).map_err(|source| StartError::Watch {
+                path: files.cert.display().to_string(),
+                source,
+            })?);
+            Some(acceptor)
+        }
+        None => None,
+    };
 
     let proxy_listener = bind("listen", cfg.listen).await?;
     let admin_listener = bind("admin_listen", cfg.admin_listen).await?;
-    let proxy_addr = proxy_listener.local_addr().map_err(|source| StartError::Bind {
-        key: "listen",
-        addr: cfg.listen,
-        source,
-    })?;
-    let admin_addr = admin_listener.local_addr().map_err(|source| StartError::Bind {
-        key: "admin_listen",
-        addr: cfg.admin_listen,
-        source,
-    })?;
+    let local = |l: &TcpListener, key, addr| l.local_addr().map_err(|source| StartError::Bind { key, addr, source });
+    let proxy_addr = local(&proxy_listener, "listen", cfg.listen)?;
+    let admin_addr = local(&admin_listener, "admin_listen", cfg.admin_listen)?;
 
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let mut unleash = None;
     if let Some(token) = &cfg.upstream_token {
         let client = control_client(cfg.upstream_connect_timeout);
-        let bad = |reason: String| StartError::Unleash(reason);
         let sync = Arc::new(
             UnleashSync::new(
                 client.clone(),
@@ -98,7 +124,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
                 metrics.clone(),
                 cfg.state_dir.clone(),
             )
-            .map_err(bad)?,
+            .map_err(StartError::Unleash)?,
         );
         let limits = PatLimits {
             positive_ttl: cfg.sync_interval,
@@ -106,43 +132,170 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
             negative_ttl: cfg.pat_negative_ttl,
             rate_per_sec: cfg.pat_rate_limit,
         };
-        let pat = PatValidator::new(client, &cfg.upstream, limits, metrics.clone()).map_err(bad)?;
+        let pat = PatValidator::new(client, &cfg.upstream, limits, metrics.clone()).map_err(StartError::Unleash)?;
         tasks.push(tokio::spawn(sync.clone().run(stop_rx.clone())));
         unleash = Some(UnleashMode { sync, pat });
     }
     let sync_status = unleash.as_ref().map(|u| u.sync.status.clone());
-    let gateway = Arc::new(Gateway::new(&cfg, store.clone(), metrics.clone(), unleash));
+    let gateway = Arc::new(Gateway::new(&cfg, store.clone(), metrics.clone(), unleash)?);
     let admin = Arc::new(AdminState {
         store: store.clone(),
         metrics: metrics.clone(),
         draining: Default::default(),
         sync: sync_status,
     });
-    let limits = ConnLimits {
-        header_read_timeout: cfg.header_read_timeout,
+    let opts = ServeOpts {
+        max_connections: cfg.max_connections,
+        shutdown_grace: cfg.shutdown_grace,
+        tls,
     };
-    let mut tasks = vec![tokio::spawn(serve_proxy(
+    tasks.push(tokio::spawn(serve_proxy(
         proxy_listener,
         gateway.clone(),
-        limits,
+        opts,
         stop_rx.clone(),
-    ))];
+    )));
     let a = admin.clone();
     tasks.push(tokio::spawn(serve_simple(
         admin_listener,
         move |req| admin::handle(a.clone(), req),
-        stop_rx,
+        stop_rx.clone(),
     )));
-    tracing::info!(listen = %proxy_addr, admin_listen = %admin_addr, upstream = %cfg.upstream, "flaggate started");
+
+    // Reloads: asked for by SIGHUP (main) or by a change of the config file.
+    let (reload, reload_rx) = mpsc::channel::<()>(1);
+    if let (Some(_), Some(file)) = (&settings, &cfg.config_file) {
+        let dir = file
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let tx = reload.clone();
+        let w = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+            let _ = tx.try_send(());
+        })
+        .and_then(|mut w| w.watch(dir, RecursiveMode::NonRecursive).map(|_| w))
+        .map_err(|source| StartError::Watch {
+            path: file.display().to_string(),
+            source,
+        })?;
+        watchers.push(w);
+    }
+    let reloader = Reloader {
+        settings,
+        current: cfg,
+        gateway: gateway.clone(),
+        store,
+        metrics,
+        file_source: Mutex::new(file_source),
+    };
+    tasks.push(tokio::spawn(reloader.run(reload_rx, stop_rx)));
+
+    tracing::info!(listen = %proxy_addr, admin_listen = %admin_addr, upstream = %gateway_upstream(&gateway), "flaggate started");
     Ok(Running {
         proxy_addr,
         admin_addr,
         gateway,
         admin,
         stop,
+        reload,
         tasks,
         _watchers: watchers,
     })
+}
+
+fn gateway_upstream(gw: &Gateway) -> String {
+    gw.upstream().to_string()
+}
+
+struct Reloader {
+    settings: Option<Settings>,
+    current: Config,
+    gateway: Arc<Gateway>,
+    store: Arc<TokenStore>,
+    metrics: Arc<Metrics>,
+    file_source: Mutex<Option<FileSource>>,
+}
+
+impl Reloader {
+    async fn run(mut self, mut rx: mpsc::Receiver<()>, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                r = rx.recv() => if r.is_none() { break },
+                _ = crate::proxy::server::stopped(&mut stop) => break,
+            }
+            // Editors write, rename and chmod in a burst: reload once it settles.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            while rx.try_recv().is_ok() {}
+            self.reload();
+        }
+    }
+
+    fn reload(&mut self) {
+        let Some(settings) = &self.settings else {
+            tracing::warn!("reload requested, but this instance was started without reloadable settings");
+            return;
+        };
+        let (new, warnings) = match settings.resolve() {
+            Ok(x) => x,
+            Err(e) => return self.failed(&e.to_string()),
+        };
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
+        if new.token_file != self.current.token_file {
+            let mut slot = self.file_source.lock().unwrap_or_else(|e| e.into_inner());
+            match &new.token_file {
+                Some(p) => match start_file_source(&self.store, &self.metrics, p.clone()) {
+                    Ok(src) => *slot = Some(src),
+                    Err(e) => return self.failed(&e.to_string()),
+                },
+                None => {
+                    self.store.replace_source(TokenSource::File, Default::default());
+                    *slot = None;
+                }
+            }
+        }
+        let restart_only = [
+            ("listen", new.listen != self.current.listen),
+            ("admin_listen", new.admin_listen != self.current.admin_listen),
+            ("upstream", new.upstream != self.current.upstream),
+            ("upstream_token", new.upstream_token != self.current.upstream_token),
+            ("sync_interval", new.sync_interval != self.current.sync_interval),
+            ("state_dir", new.state_dir != self.current.state_dir),
+            ("tls", new.tls != self.current.tls),
+            ("upstream_ca", new.upstream_ca != self.current.upstream_ca),
+            (
+                "upstream_connect_timeout",
+                new.upstream_connect_timeout != self.current.upstream_connect_timeout,
+            ),
+            ("max_connections", new.max_connections != self.current.max_connections),
+            ("shutdown_grace", new.shutdown_grace != self.current.shutdown_grace),
+            ("log_format", new.log_format != self.current.log_format),
+        ];
+        for (key, changed) in restart_only {
+            if changed {
+                tracing::warn!(
+                    key,
+                    "setting changed in the config but needs a restart to apply; keeping the running value"
+                );
+            }
+        }
+        crate::telemetry::set_log_level(new.log_level.as_deref());
+        self.gateway.live.store(Arc::new(Live::from_config(&new)));
+        self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+        self.metrics.config_last_reload_success.set(1);
+        tracing::info!(routes = new.routes.len(), "configuration reloaded");
+        self.current = new;
+    }
+
+    fn failed(&self, reason: &str) {
+        self.metrics.config_reloads.with_label_values(&["error"]).inc();
+        self.metrics.config_last_reload_success.set(0);
+        tracing::error!(
+            error = reason,
+            "configuration reload rejected; the running configuration stays"
+        );
+    }
 }
 
 impl Running {
@@ -152,7 +305,17 @@ impl Running {
         let _ = self.stop.send(true);
     }
 
-    /// Waits until every listener task has ended (after [`Running::shutdown`]).
+    /// Asks for a configuration reload (what SIGHUP does).
+    pub fn reload(&self) {
+        let _ = self.reload.try_send(());
+    }
+
+    /// A handle that can ask for reloads from elsewhere (a signal task).
+    pub fn reload_handle(&self) -> mpsc::Sender<()> {
+        self.reload.clone()
+    }
+
+    /// Waits until every task has ended (after [`Running::shutdown`]).
     pub async fn wait(self) {
         for t in self.tasks {
             let _ = t.await;

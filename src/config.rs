@@ -66,6 +66,15 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Certificate files for TLS termination (PEM), re-read when they change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by this CA (mTLS).
+    pub client_ca: Option<PathBuf>,
+}
+
 /// The effective configuration. Immutable; a reload builds a new one.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -78,9 +87,20 @@ pub struct Config {
     pub sync_interval: Duration,
     pub state_dir: Option<PathBuf>,
     pub log_format: LogFormat,
+    pub log_level: Option<String>,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
+    pub max_header_bytes: usize,
+    pub max_request_body: u64,
+    pub h2_max_streams: u32,
+    pub shutdown_grace: Duration,
+    pub tls: Option<TlsFiles>,
+    pub upstream_ca: Option<PathBuf>,
+    pub upstream_client_cert: Option<PathBuf>,
+    pub upstream_client_key: Option<PathBuf>,
     pub pat_rate_limit: u32,
     pub pat_negative_cache_size: u64,
     pub pat_negative_ttl: Duration,
@@ -103,9 +123,22 @@ pub(crate) struct FileSettings {
     pub sync_interval: Option<String>,
     pub state_dir: Option<String>,
     pub log_format: Option<String>,
+    pub log_level: Option<String>,
     pub upstream_connect_timeout: Option<String>,
     pub upstream_timeout: Option<String>,
     pub header_read_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub max_connections: Option<String>,
+    pub max_header_bytes: Option<String>,
+    pub max_request_body: Option<String>,
+    pub h2_max_streams: Option<String>,
+    pub shutdown_grace: Option<String>,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    pub tls_client_ca: Option<String>,
+    pub upstream_ca: Option<String>,
+    pub upstream_client_cert: Option<String>,
+    pub upstream_client_key: Option<String>,
     pub pat_rate_limit: Option<String>,
     pub pat_negative_cache_size: Option<String>,
     pub pat_negative_ttl: Option<String>,
@@ -141,6 +174,27 @@ pub(crate) fn parse_count<T: std::str::FromStr + PartialOrd + Default>(s: &str) 
     match s.trim().parse::<T>() {
         Ok(v) if v > T::default() => Ok(v),
         _ => Err(format!("`{s}` is not a positive whole number")),
+    }
+}
+
+/// Sizes: a plain byte count or a number with KiB/MiB/GiB (or KB/MB/GB, also powers of two).
+pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 65536, 16KiB, 10MiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("`{s}`: unknown unit (use KiB, MiB or GiB)")),
+    };
+    match n.checked_mul(mult) {
+        Some(v) if v > 0 => Ok(v),
+        _ => Err(format!("`{s}` must be a positive size")),
     }
 }
 

@@ -51,6 +51,10 @@ pub enum Rejection {
     BadAuthorization(ExtractError),
     #[error("more than one Host header")]
     DuplicateHost,
+    #[error("method not allowed through the gateway")]
+    MethodNotAllowed,
+    #[error("request body larger than {0} bytes")]
+    BodyTooLarge(u64),
     #[error("no token")]
     NoToken(DenialStyle),
     #[error("unknown token")]
@@ -70,6 +74,10 @@ pub enum Rejection {
     #[error("internal error: {0}")]
     Internal(String),
 }
+
+/// What Unleash's API uses. `CONNECT` would turn the gateway into a tunnel and `TRACE` echoes headers
+/// (credentials included) back; neither, nor any extension method, is forwarded.
+pub const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 const API_TOKEN_MSG: &str =
     "This endpoint requires an API token. Please add an authorization header to your request with a valid token";
@@ -97,6 +105,8 @@ impl Rejection {
             | Rejection::DuplicateHost => StatusCode::BAD_REQUEST,
             Rejection::NoToken(_) | Rejection::UnknownToken(_) | Rejection::Expired(_) => StatusCode::UNAUTHORIZED,
             Rejection::WrongScope => StatusCode::FORBIDDEN,
+            Rejection::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Rejection::UpstreamConnect(_) | Rejection::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             Rejection::UpstreamTimeout(_) | Rejection::UpstreamConnectTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Rejection::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -119,7 +129,9 @@ impl Rejection {
             Rejection::BadPath(_)
             | Rejection::NotOriginForm
             | Rejection::BadAuthorization(_)
-            | Rejection::DuplicateHost => Decision::BadRequest,
+            | Rejection::DuplicateHost
+            | Rejection::BodyTooLarge(_)
+            | Rejection::MethodNotAllowed => Decision::BadRequest,
             Rejection::NoToken(_) | Rejection::UnknownToken(_) | Rejection::Expired(_) => Decision::Unauthenticated,
             Rejection::WrongScope => Decision::Forbidden,
             Rejection::UpstreamConnect(_)
@@ -138,6 +150,8 @@ impl Rejection {
             Rejection::BadAuthorization(ExtractError::Duplicate) => "duplicate_authorization",
             Rejection::BadAuthorization(ExtractError::NotText) => "malformed_authorization",
             Rejection::DuplicateHost => "duplicate_host",
+            Rejection::BodyTooLarge(_) => "body_too_large",
+            Rejection::MethodNotAllowed => "method_not_allowed",
             Rejection::NoToken(_) => "no_token",
             Rejection::UnknownToken(_) => "unknown_token",
             Rejection::Expired(_) => "expired_token",
@@ -182,7 +196,12 @@ impl Rejection {
     }
 
     pub fn into_response(&self) -> Response<Full<Bytes>> {
-        json_response(self.status(), &self.body())
+        let mut r = json_response(self.status(), &self.body());
+        if let Rejection::MethodNotAllowed = self {
+            r.headers_mut()
+                .insert(http::header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+        }
+        r
     }
 }
 

@@ -13,4 +13,5 @@ pub mod path;
 pub mod policy;
 pub mod proxy;
 pub mod telemetry;
+pub mod tls;
 pub mod token;

@@ -78,7 +78,7 @@ fn main() -> std::process::ExitCode {
 
 fn resolve(settings: &Settings) -> anyhow::Result<Config> {
     let (cfg, warnings) = settings.resolve()?;
-    flaggate::telemetry::init_logging(cfg.log_format);
+    flaggate::telemetry::init_logging(cfg.log_format, cfg.log_level.as_deref());
     for w in warnings {
         tracing::warn!("{w}");
     }
@@ -96,14 +96,30 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(settings: Settings) -> anyhow::Result<()> {
     let cfg = resolve(&settings)?;
     runtime()?.block_on(async move {
-        let running = flaggate::app::start(cfg).await?;
+        let running = flaggate::app::start(cfg, Some(settings)).await?;
+        spawn_sighup(running.reload_handle());
         wait_for_signal().await;
-        tracing::info!("shutdown requested: readiness is now 503, draining connections");
+        tracing::info!("shutdown requested: readiness is now 503, no new connections, draining in-flight requests");
         running.shutdown();
         running.wait().await;
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// SIGHUP → configuration reload (the config file is also watched).
+fn spawn_sighup(reload: tokio::sync::mpsc::Sender<()>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading configuration");
+            let _ = reload.try_send(());
+        }
+    });
 }
 
 async fn wait_for_signal() {
@@ -218,7 +234,7 @@ fn explain(token_arg: &str, settings: Settings) -> anyhow::Result<()> {
 
 fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let format = parse_log_format(&args.log_format).map_err(|e| anyhow::anyhow!("--log-format: {e}"))?;
-    flaggate::telemetry::init_logging(format);
+    flaggate::telemetry::init_logging(format, None);
     runtime()?.block_on(async move {
         // The sample flag server: loopback, ephemeral port, clearly not Unleash.
         let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -255,7 +271,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
             ..Default::default()
         };
         let (cfg, _) = settings.resolve()?;
-        let running = flaggate::app::start(cfg).await?;
+        let running = flaggate::app::start(cfg, None).await?;
         println!(
             "flaggate demo: gateway on http://{}  (admin: http://{}/metrics)",
             running.proxy_addr, running.admin_addr

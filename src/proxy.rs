@@ -7,6 +7,7 @@
 //! 5. **forward** — pooled client, bodies streamed both ways, upstream failures → 502/504;
 //! 6. **record** — one access-log line and the metrics, for every request whatever its fate.
 
+pub mod conn;
 pub mod connector;
 pub mod forward;
 pub mod headers;
@@ -42,13 +43,44 @@ const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id
 
 /// Everything a request handler needs, shared by all connections.
 pub struct Gateway {
-    pub policy: ArcSwap<Policy>,
+    /// The reloadable part of the configuration, swapped whole on reload.
+    pub live: ArcSwap<Live>,
     pub store: Arc<TokenStore>,
     pub metrics: Arc<Metrics>,
     client: UpstreamClient,
     upstream: Upstream,
-    upstream_timeout: Duration,
     unleash: Option<UnleashMode>,
+}
+
+/// Settings a config reload may change without a restart. Connections read them when they start,
+/// requests when they arrive.
+#[derive(Clone, Debug)]
+pub struct Live {
+    pub policy: Policy,
+    pub max_request_body: u64,
+    pub upstream_timeout: Duration,
+    pub conn: server::ConnLimits,
+}
+
+impl Live {
+    pub fn from_config(cfg: &Config) -> Live {
+        Live {
+            policy: Policy::new(cfg.routes.clone()),
+            max_request_body: cfg.max_request_body,
+            upstream_timeout: cfg.upstream_timeout,
+            conn: server::ConnLimits::from_config(cfg),
+        }
+    }
+}
+
+/// What a request knows about its connection.
+#[derive(Clone)]
+pub struct ConnCtx {
+    pub peer: SocketAddr,
+    pub proto: &'static str,
+    pub activity: Option<Arc<conn::Activity>>,
+    /// Turns true at shutdown: open event streams are ended cleanly.
+    pub stop: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// What a store miss may still consult in Unleash-sync mode.
@@ -71,17 +103,24 @@ impl UnleashMode {
 }
 
 impl Gateway {
-    pub fn new(cfg: &Config, store: Arc<TokenStore>, metrics: Arc<Metrics>, unleash: Option<UnleashMode>) -> Gateway {
-        Gateway {
-            client: forward::build_client(cfg.upstream_connect_timeout, metrics.upstream_connections.clone()),
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    pub fn new(
+        cfg: &Config,
+        store: Arc<TokenStore>,
+        metrics: Arc<Metrics>,
+        unleash: Option<UnleashMode>,
+    ) -> Result<Gateway, crate::tls::TlsError> {
+        Ok(Gateway {
+            client: forward::build_client(cfg, metrics.upstream_connections.clone())?,
             unleash,
-            policy: ArcSwap::from_pointee(Policy::new(cfg.routes.clone())),
+            live: ArcSwap::from_pointee(Live::from_config(cfg)),
             store,
             metrics,
-
             upstream: cfg.upstream.clone(),
-            upstream_timeout: cfg.upstream_timeout,
-        }
+        })
     }
 }
 
@@ -109,8 +148,11 @@ impl Drop for InFlight<'_> {
 pub async fn handle(
     gw: Arc<Gateway>,
     req: Request<Incoming>,
-    peer: SocketAddr,
+    ctx: ConnCtx,
 ) -> Result<Response<LoggedBody>, Infallible> {
+    if let Some(a) = &ctx.activity {
+        a.begin();
+    }
     let started = Instant::now();
     gw.metrics.inflight.inc();
     let _inflight = InFlight(&gw.metrics.inflight);
@@ -127,7 +169,7 @@ pub async fn handle(
         upstream_time: None,
         path: None,
     };
-    let result = run_phases(&gw, req, peer, request_id.clone(), &mut out).await;
+    let result = run_phases(&gw, req, &ctx, request_id.clone(), &mut out).await;
     let (mut resp, decision, rejection) = match result {
         Ok(resp) => (resp, Decision::Allowed, None),
         Err(rej) => (rej.into_response().map(Either::Right), rej.decision(), Some(rej)),
@@ -173,13 +215,18 @@ pub async fn handle(
             .filter(|r| r.blame() != Blame::Downstream)
             .map(|r| r.to_string()),
     };
-    Ok(resp.map(|b| LoggedBody::new(b, rec)))
+    let streaming = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let stop = if streaming { ctx.stop } else { None };
+    Ok(resp.map(|b| LoggedBody::new(b, rec, ctx.activity, stop)))
 }
 
 async fn run_phases(
     gw: &Gateway,
     req: Request<Incoming>,
-    peer: SocketAddr,
+    ctx: &ConnCtx,
     request_id: http::HeaderValue,
     out: &mut Outcome,
 ) -> Result<Response<ProxyBody>, Rejection> {
@@ -191,10 +238,17 @@ async fn run_phases(
     if parts.version < Version::HTTP_2 && (uri.scheme().is_some() || uri.authority().is_some()) {
         return Err(Rejection::NotOriginForm);
     }
+    use http::Method;
+    if !matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::POST | Method::PUT | Method::PATCH | Method::DELETE | Method::OPTIONS
+    ) {
+        return Err(Rejection::MethodNotAllowed);
+    }
     let path = canonicalize(uri.path()).map_err(Rejection::BadPath)?;
     out.path = Some(path.as_str().to_owned());
-    let policy = gw.policy.load();
-    let rule = policy.route(&path);
+    let live = gw.live.load();
+    let rule = live.policy.route(&path);
     out.route_class = rule.name.clone();
 
     // 2. authenticate
@@ -231,18 +285,32 @@ async fn run_phases(
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::strip_gateway_set(&mut parts.headers);
     parts.headers.remove(HOST);
-    headers::set_forwarded(&mut parts.headers, peer.ip(), "http", host);
+    headers::set_forwarded(&mut parts.headers, ctx.peer.ip(), ctx.proto, host);
     parts.headers.insert(REQUEST_ID, request_id);
     parts.uri = forward::upstream_uri(&gw.upstream, &path, uri.query())?;
     parts.version = Version::HTTP_11;
 
     // 5. forward
     let sent = Instant::now();
-    let result = tokio::time::timeout(gw.upstream_timeout, gw.client.request(Request::from_parts(parts, body))).await;
+    // Bodies stream through, counted: a declared length over the limit is refused before anything is
+    // sent, an undeclared one is cut when it crosses the limit (the client error becomes a 413).
+    let limit = live.max_request_body;
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(Rejection::BodyTooLarge(limit));
+    }
+    let body = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    let upstream_timeout = live.upstream_timeout;
+    drop(live);
+    let result = tokio::time::timeout(upstream_timeout, gw.client.request(Request::from_parts(parts, body))).await;
     out.upstream_time = Some(sent.elapsed());
     let resp = result
-        .map_err(|_| Rejection::UpstreamTimeout(gw.upstream_timeout))?
-        .map_err(forward::classify)?;
+        .map_err(|_| Rejection::UpstreamTimeout(upstream_timeout))?
+        .map_err(|e| forward::classify(e, limit))?;
     let (mut rparts, rbody) = resp.into_parts();
     headers::strip_hop_by_hop(&mut rparts.headers);
     Ok(Response::from_parts(rparts, Either::Left(rbody)))

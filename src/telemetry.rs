@@ -27,6 +27,8 @@ pub struct Metrics {
     pub connections: IntGaugeVec,
     pub upstream_connections: IntGauge,
     pub ready: IntGauge,
+    pub config_reloads: IntCounterVec,
+    pub config_last_reload_success: IntGauge,
     known_apps: arc_swap::ArcSwap<std::collections::HashSet<Box<str>>>,
 }
 
@@ -136,6 +138,18 @@ impl Metrics {
             "flaggate_ready",
             "1 when /ready answers 200 (a token set is loaded and not draining), else 0",
         ));
+        let config_reloads = must(IntCounterVec::new(
+            Opts::new(
+                "flaggate_config_reloads_total",
+                "Configuration reloads (SIGHUP or file change) by result",
+            ),
+            &["result"],
+        ));
+        let config_last_reload_success = must(IntGauge::new(
+            "flaggate_config_last_reload_success",
+            "1 if the last configuration reload applied (or none was tried), 0 if it was rejected",
+        ));
+        config_last_reload_success.set(1);
         let build_info = must(IntGaugeVec::new(
             Opts::new("flaggate_build_info", "Build information; always 1"),
             &["version"],
@@ -158,6 +172,8 @@ impl Metrics {
             Box::new(connections.clone()),
             Box::new(upstream_connections.clone()),
             Box::new(ready.clone()),
+            Box::new(config_reloads.clone()),
+            Box::new(config_last_reload_success.clone()),
             Box::new(build_info),
         ] {
             must(registry.register(c));
@@ -187,6 +203,8 @@ impl Metrics {
             connections,
             upstream_connections,
             ready,
+            config_reloads,
+            config_last_reload_success,
             known_apps: Default::default(),
         };
         // Label sets known in advance are exported at 0 from the start, so dashboards and alerts see
@@ -204,6 +222,9 @@ impl Metrics {
             m.token_source_updates.with_label_values(&["file", r]);
         }
         m.connections.with_label_values(&["proxy"]);
+        for r in ["ok", "error"] {
+            m.config_reloads.with_label_values(&[r]);
+        }
         m
     }
 
@@ -272,21 +293,57 @@ pub fn method_label(m: &http::Method) -> &'static str {
     }
 }
 
-/// Installs the global subscriber: `RUST_LOG`-style filter (default `info`), json or pretty lines.
-pub fn init_logging(format: LogFormat) {
-    init_logging_to(format, std::io::stderr);
+type FilterHandle = tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+static FILTER: std::sync::OnceLock<FilterHandle> = std::sync::OnceLock::new();
+
+fn filter_for(level: Option<&str>) -> tracing_subscriber::EnvFilter {
+    use tracing_subscriber::EnvFilter;
+    match level {
+        Some(l) => EnvFilter::try_new(l).unwrap_or_else(|_| EnvFilter::new("info")),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    }
+}
+
+/// Checks a `RUST_LOG`-style filter, for config validation.
+pub fn valid_log_level(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::try_new(s)
+        .map(|_| s.to_string())
+        .map_err(|e| format!("`{s}` is not a log filter like info, debug, flaggate=debug ({e})"))
+}
+
+/// Applies a new log filter to the running subscriber (config reload); `None` means `RUST_LOG`/`info`.
+pub fn set_log_level(level: Option<&str>) {
+    if let Some(h) = FILTER.get() {
+        let _ = h.reload(filter_for(level));
+    }
+}
+
+/// Installs the global subscriber: filter from `level` or `RUST_LOG` (default `info`), json or pretty.
+pub fn init_logging(format: LogFormat, level: Option<&str>) {
+    init_logging_to(format, level, std::io::stderr);
 }
 
 /// Same, writing somewhere else (tests capture the access log this way).
-pub fn init_logging_to<W>(format: LogFormat, writer: W)
+pub fn init_logging_to<W>(format: LogFormat, level: Option<&str>, writer: W)
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
-    let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{fmt, reload, Layer, Registry};
+    let (filter, handle) = reload::Layer::new(filter_for(level));
+    let output = match format {
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(writer)
+            .boxed(),
+        LogFormat::Pretty => fmt::layer().compact().with_writer(writer).boxed(),
     };
+    if Registry::default().with(filter).with(output).try_init().is_ok() {
+        let _ = FILTER.set(handle);
+    }
 }

@@ -83,6 +83,19 @@ async fn absolute_form_and_asterisk_targets_are_refused() {
         let req = format!("GET {target} HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nConnection: close\r\n\r\n");
         assert_eq!(raw_status(&raw(gw.addr, req.as_bytes()).await), 400, "{target}");
     }
+    // A tunnel, a header echo and extension methods are never forwarded, even on an allowed path.
+    for line in [
+        "CONNECT /api/client/features",
+        "CONNECT evil.example:443",
+        "TRACE /api/client/features",
+        "PROPFIND /api/client/features",
+        "BREW /api/client/features",
+    ] {
+        let req = format!("{line} HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nConnection: close\r\n\r\n");
+        let reply = raw(gw.addr, req.as_bytes()).await;
+        let status = raw_status(&reply);
+        assert!(status == 405 || status == 400, "{line}: {reply}");
+    }
     assert_eq!(up.count(), 0);
 }
 

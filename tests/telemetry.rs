@@ -33,7 +33,7 @@ fn logs() -> &'static Capture {
     CAP.get_or_init(|| {
         let cap = Capture::default();
         let writer = cap.clone();
-        flaggate::telemetry::init_logging_to(flaggate::config::LogFormat::Json, move || writer.clone());
+        flaggate::telemetry::init_logging_to(flaggate::config::LogFormat::Json, None, move || writer.clone());
         cap
     })
 }

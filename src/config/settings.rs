@@ -33,6 +33,9 @@ pub struct Settings {
     /// Log format: json or pretty [default: json]
     #[arg(long, env = "FLAGGATE_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<String>,
+    /// Log filter, e.g. info, debug, flaggate=debug,hyper=warn [default: RUST_LOG, else info]; reloadable
+    #[arg(long, env = "FLAGGATE_LOG_LEVEL", value_name = "FILTER")]
+    pub log_level: Option<String>,
     /// Upstream TCP connect timeout [default: 2s]
     #[arg(long, env = "FLAGGATE_UPSTREAM_CONNECT_TIMEOUT", value_name = "DURATION")]
     pub upstream_connect_timeout: Option<String>,
@@ -42,6 +45,42 @@ pub struct Settings {
     /// Time a client has to send its request headers [default: 10s]
     #[arg(long, env = "FLAGGATE_HEADER_READ_TIMEOUT", value_name = "DURATION")]
     pub header_read_timeout: Option<String>,
+    /// Idle keep-alive connections are closed after this [default: 75s]
+    #[arg(long, env = "FLAGGATE_IDLE_TIMEOUT", value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
+    /// Most open client connections; more wait in the listen backlog [default: 10000]
+    #[arg(long, env = "FLAGGATE_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<String>,
+    /// Largest request head (request line + headers); larger → 431 [default: 16KiB]
+    #[arg(long, env = "FLAGGATE_MAX_HEADER_BYTES", value_name = "SIZE")]
+    pub max_header_bytes: Option<String>,
+    /// Largest request body, counted as it streams; larger → 413 [default: 10MiB]
+    #[arg(long, env = "FLAGGATE_MAX_REQUEST_BODY", value_name = "SIZE")]
+    pub max_request_body: Option<String>,
+    /// Most concurrent HTTP/2 streams per connection [default: 128]
+    #[arg(long, env = "FLAGGATE_H2_MAX_STREAMS", value_name = "N")]
+    pub h2_max_streams: Option<String>,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish [default: 15s]
+    #[arg(long, env = "FLAGGATE_SHUTDOWN_GRACE", value_name = "DURATION")]
+    pub shutdown_grace: Option<String>,
+    /// Serve HTTPS with this certificate chain (PEM); reloaded when the file changes
+    #[arg(long, env = "FLAGGATE_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<String>,
+    /// Private key for --tls-cert (PEM)
+    #[arg(long, env = "FLAGGATE_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<String>,
+    /// Require client certificates signed by this CA (PEM) — mTLS
+    #[arg(long, env = "FLAGGATE_TLS_CLIENT_CA", value_name = "FILE")]
+    pub tls_client_ca: Option<String>,
+    /// Extra CA (PEM) trusted for an https:// upstream, besides the platform roots
+    #[arg(long, env = "FLAGGATE_UPSTREAM_CA", value_name = "FILE")]
+    pub upstream_ca: Option<String>,
+    /// Client certificate (PEM) presented to an https:// upstream (mTLS)
+    #[arg(long, env = "FLAGGATE_UPSTREAM_CLIENT_CERT", value_name = "FILE")]
+    pub upstream_client_cert: Option<String>,
+    /// Private key (PEM) for --upstream-client-cert
+    #[arg(long, env = "FLAGGATE_UPSTREAM_CLIENT_KEY", value_name = "FILE")]
+    pub upstream_client_key: Option<String>,
     /// Most PAT checks per second sent to Unleash (Unleash-sync mode) [default: 10]
     #[arg(long, env = "FLAGGATE_PAT_RATE_LIMIT", value_name = "N")]
     pub pat_rate_limit: Option<String>,
@@ -211,6 +250,13 @@ impl Settings {
                 Some("json"),
                 parse_log_format,
             )?),
+            log_level: l.pick(
+                "log_level",
+                &self.log_level,
+                &file.log_level,
+                None,
+                crate::telemetry::valid_log_level,
+            )?,
             upstream_connect_timeout: must(l.pick(
                 "upstream_connect_timeout",
                 &self.upstream_connect_timeout,
@@ -232,6 +278,85 @@ impl Settings {
                 Some("10s"),
                 parse_duration,
             )?),
+            idle_timeout: must(l.pick(
+                "idle_timeout",
+                &self.idle_timeout,
+                &file.idle_timeout,
+                Some("75s"),
+                parse_duration,
+            )?),
+            max_connections: must(l.pick(
+                "max_connections",
+                &self.max_connections,
+                &file.max_connections,
+                Some("10000"),
+                parse_count,
+            )?),
+            max_header_bytes: must(l.pick(
+                "max_header_bytes",
+                &self.max_header_bytes,
+                &file.max_header_bytes,
+                Some("16KiB"),
+                |v| match parse_bytes(v)? {
+                    n if n < 8192 => Err(format!("`{v}` is below the minimum of 8KiB")),
+                    n if n > 1 << 20 => Err(format!("`{v}` is above the maximum of 1MiB")),
+                    n => Ok(n as usize),
+                },
+            )?),
+            max_request_body: must(l.pick(
+                "max_request_body",
+                &self.max_request_body,
+                &file.max_request_body,
+                Some("10MiB"),
+                parse_bytes,
+            )?),
+            h2_max_streams: must(l.pick(
+                "h2_max_streams",
+                &self.h2_max_streams,
+                &file.h2_max_streams,
+                Some("128"),
+                parse_count,
+            )?),
+            shutdown_grace: must(l.pick(
+                "shutdown_grace",
+                &self.shutdown_grace,
+                &file.shutdown_grace,
+                Some("15s"),
+                parse_duration,
+            )?),
+            tls: {
+                let cert = l.path_from(&self.tls_cert, &file.tls_cert);
+                let key = l.path_from(&self.tls_key, &file.tls_key);
+                let client_ca = l.path_from(&self.tls_client_ca, &file.tls_client_ca);
+                match (cert, key) {
+                    (Some(cert), Some(key)) => Some(TlsFiles { cert, key, client_ca }),
+                    (None, None) if client_ca.is_none() => None,
+                    (None, None) => {
+                        return Err(ConfigError::new(
+                            cli_names("tls_client_ca"),
+                            "tls_client_ca",
+                            "needs tls_cert and tls_key",
+                        ))
+                    }
+                    (Some(_), None) => {
+                        return Err(ConfigError::new(
+                            cli_names("tls_key"),
+                            "tls_key",
+                            "tls_cert is set but tls_key is not",
+                        ))
+                    }
+                    (None, Some(_)) => {
+                        return Err(ConfigError::new(
+                            cli_names("tls_cert"),
+                            "tls_cert",
+                            "tls_key is set but tls_cert is not",
+                        ))
+                    }
+                }
+            },
+            upstream_ca: l.path_from(&self.upstream_ca, &file.upstream_ca),
+            upstream_client_cert: l.path_from(&self.upstream_client_cert, &file.upstream_client_cert),
+            upstream_client_key: l.path_from(&self.upstream_client_key, &file.upstream_client_key),
             pat_rate_limit: must(l.pick(
                 "pat_rate_limit",
                 &self.pat_rate_limit,

@@ -1,30 +1,44 @@
 //! The upstream side: one pooled client, the forwarded URI, and what upstream failures mean.
 
 use super::connector::CountingConnector;
-use crate::config::Upstream;
+use crate::config::{Config, Upstream};
 use crate::error::Rejection;
 use crate::path::CanonicalPath;
+use crate::tls::TlsError;
 use http::uri::PathAndQuery;
 use http::Uri;
+use http_body_util::Limited;
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::time::Duration;
 
-pub type UpstreamClient = Client<CountingConnector, Incoming>;
+pub type UpstreamClient = Client<HttpsConnector<CountingConnector>, Limited<Incoming>>;
 
-/// Keep-alive pool sized for SDK fan-in: many short requests to one host.
-pub fn build_client(connect_timeout: Duration, open_gauge: prometheus::IntGauge) -> UpstreamClient {
+/// Keep-alive pool sized for SDK fan-in: many short requests to one host. `https://` upstreams are
+/// verified against the platform roots plus `--upstream-ca`; there is no "skip verification".
+pub fn build_client(cfg: &Config, open_gauge: prometheus::IntGauge) -> Result<UpstreamClient, TlsError> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(connect_timeout));
-    connector.enforce_http(true);
-    Client::builder(TokioExecutor::new())
+    connector.set_connect_timeout(Some(cfg.upstream_connect_timeout));
+    connector.enforce_http(false);
+    let identity = match (&cfg.upstream_client_cert, &cfg.upstream_client_key) {
+        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+        _ => None,
+    };
+    let tls = crate::tls::upstream_client_config(cfg.upstream_ca.as_deref(), identity)?;
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(CountingConnector::new(connector, open_gauge));
+    Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(512)
-        .build(CountingConnector::new(connector, open_gauge))
+        .build(https))
 }
 
 /// `upstream + canonical path + untouched query`: the authorized path, byte for byte.
@@ -46,7 +60,7 @@ pub fn upstream_uri(up: &Upstream, path: &CanonicalPath<'_>, query: Option<&str>
 }
 
 /// Sorts a client error: connect timed out (504), could not connect (502), connection broke (502).
-pub fn classify(err: hyper_util::client::legacy::Error) -> Rejection {
+pub fn classify(err: hyper_util::client::legacy::Error, body_limit: u64) -> Rejection {
     let mut detail = err.to_string();
     let mut timed_out = false;
     let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&err);
@@ -56,6 +70,9 @@ pub fn classify(err: hyper_util::client::legacy::Error) -> Rejection {
         timed_out |= s
             .downcast_ref::<std::io::Error>()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
+        if s.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            return Rejection::BodyTooLarge(body_limit);
+        }
         src = s.source();
     }
     if timed_out {

@@ -59,6 +59,7 @@ pub fn strip_gateway_set(headers: &mut HeaderMap) {
     if headers.keys().any(|k| k.as_str().contains('_')) {
         let variants: Vec<HeaderName> = headers
             .keys()
+            .filter(|k| k.as_str().contains('_'))
             .filter(|k| {
                 let dashed = k.as_str().replace('_', "-");
                 GATEWAY_SET.iter().any(|g| g.as_str() == dashed) || dashed == "authorization" || dashed == "host"
@@ -143,5 +144,21 @@ mod tests {
         );
         assert_eq!(h["x-forwarded-host"], "gw");
         assert_eq!(h.len(), 4);
+    }
+
+    #[test]
+    fn underscore_spellings_of_authorization_and_host_go_but_the_real_ones_stay() {
+        // An unrelated `_` header must not make the scan drop the real Authorization or Host.
+        let mut h = map(&[
+            ("authorization", "tok"),
+            ("host", "gw"),
+            ("x_trace_id", "1"),
+            ("x_forwarded_for", "6.6.6.6"),
+        ]);
+        strip_gateway_set(&mut h);
+        assert_eq!(h["authorization"], "tok");
+        assert_eq!(h["host"], "gw");
+        assert!(h.contains_key("x_trace_id"));
+        assert!(!h.contains_key("x_forwarded_for"));
     }
 }

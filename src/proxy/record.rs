@@ -1,12 +1,14 @@
 //! Phase 6, record: metrics at response-head time, and one access-log line when the response body is
 //! finished (or abandoned), so the line carries the real byte count even for streams.
 
+use super::conn::Activity;
 use super::ProxyBody;
 use crate::error::Decision;
 use crate::token::{Fingerprint, TokenKind};
 use bytes::Bytes;
 use http::HeaderValue;
 use hyper::body::{Body, Frame, SizeHint};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -61,20 +63,36 @@ pub struct LoggedBody {
     inner: ProxyBody,
     bytes: u64,
     record: Option<Box<Record>>,
+    activity: Option<Arc<Activity>>,
+    /// Event streams only: resolves at shutdown, when the stream is ended cleanly.
+    stop: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
 }
 
 impl LoggedBody {
-    pub fn new(inner: ProxyBody, record: Record) -> LoggedBody {
+    pub fn new(
+        inner: ProxyBody,
+        record: Record,
+        activity: Option<Arc<Activity>>,
+        stop: Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> LoggedBody {
         LoggedBody {
             inner,
             bytes: 0,
             record: Some(Box::new(record)),
+            activity,
+            stop: stop.map(|mut rx| {
+                Box::pin(async move { super::server::stopped(&mut rx).await })
+                    as Pin<Box<dyn Future<Output = ()> + Send + Sync>>
+            }),
         }
     }
 
     fn finish(&mut self, complete: bool) {
         if let Some(r) = self.record.take() {
             r.emit(self.bytes, complete);
+            if let Some(a) = self.activity.take() {
+                a.end();
+            }
         }
     }
 }
@@ -85,6 +103,13 @@ impl Body for LoggedBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
+        if let Some(stop) = &mut this.stop {
+            if stop.as_mut().poll(cx).is_ready() {
+                // Shutdown: end the event stream at a frame boundary, as a normal end of body.
+                this.finish(true);
+                return Poll::Ready(None);
+            }
+        }
         let polled = match &mut this.inner {
             http_body_util::Either::Left(b) => Pin::new(b).poll_frame(cx),
             http_body_util::Either::Right(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),

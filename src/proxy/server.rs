@@ -1,14 +1,19 @@
-//! Accept loops: the proxy listener (HTTP/1.1 and h2c, auto-detected) and a shared graceful stop.
+//! Accept loops: the proxy listener (HTTP/1.1 and h2c auto-detected, or TLS with ALPN), one watchdog
+//! per connection for header-read and idle timeouts, a cap on open connections, and the drain on stop.
 
-use super::{handle, Gateway};
+use super::conn::{Activity, Expiry, Watched};
+use super::{handle, ConnCtx, Gateway};
+use crate::config::Config;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
 
 /// Resolves once `stop` is true (or its sender is gone); holds no borrow across awaits, so it is `Send`.
 pub async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -19,26 +24,71 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
 #[derive(Clone, Copy, Debug)]
 pub struct ConnLimits {
     pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_header_bytes: usize,
+    pub h2_max_streams: u32,
 }
 
-pub fn conn_builder(limits: ConnLimits) -> auto::Builder<TokioExecutor> {
+impl ConnLimits {
+    pub fn from_config(cfg: &Config) -> ConnLimits {
+        ConnLimits {
+            header_read_timeout: cfg.header_read_timeout,
+            idle_timeout: cfg.idle_timeout,
+            max_header_bytes: cfg.max_header_bytes,
+            h2_max_streams: cfg.h2_max_streams,
+        }
+    }
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        ConnLimits {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(75),
+            max_header_bytes: 16 * 1024,
+            h2_max_streams: 128,
+        }
+    }
+}
+
+pub fn conn_builder(limits: &ConnLimits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
+    // Timeouts are the watchdog's job (see `conn`); hyper's header timer would also cut idle keep-alive.
     b.http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(64 * 1024);
+        .header_read_timeout(None)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(100);
     b.http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(256)
-        .max_header_list_size(64 * 1024);
+        .max_concurrent_streams(limits.h2_max_streams)
+        .max_header_list_size(limits.max_header_bytes as u32)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(10));
     b
 }
 
-/// Serves `listener` until `stop` turns true, then lets open connections finish their current request.
-pub async fn serve_proxy(listener: TcpListener, gw: Arc<Gateway>, limits: ConnLimits, mut stop: watch::Receiver<bool>) {
-    let builder = conn_builder(limits);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+/// What the proxy listener needs besides the gateway.
+#[derive(Clone)]
+pub struct ServeOpts {
+    pub max_connections: usize,
+    pub shutdown_grace: Duration,
+    pub tls: Option<crate::tls::Acceptor>,
+}
+
+/// Serves `listener` until `stop` turns true, then drains: every connection is asked to finish its
+/// current request (HTTP/1 closes after it, HTTP/2 sends GOAWAY), event streams end, and whatever is
+/// still open after the grace period is cut.
+pub async fn serve_proxy(listener: TcpListener, gw: Arc<Gateway>, opts: ServeOpts, mut stop: watch::Receiver<bool>) {
+    let permits = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+    let mut conns = JoinSet::new();
     loop {
+        while conns.try_join_next().is_some() {}
+        // At the cap, stop accepting: new clients wait in the kernel's backlog instead of being refused.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = stopped(&mut stop) => break,
+        };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -52,21 +102,99 @@ pub async fn serve_proxy(listener: TcpListener, gw: Arc<Gateway>, limits: ConnLi
             _ = stopped(&mut stop) => break,
         };
         let _ = stream.set_nodelay(true);
-        let open = gw.metrics.connections.with_label_values(&["proxy"]);
-        open.inc();
         let gw = gw.clone();
-        let svc = service_fn(move |req| handle(gw.clone(), req, peer));
-        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with error");
+        let stop = stop.clone();
+        let tls = opts.tls.clone();
+        conns.spawn(async move {
+            let open = gw.metrics.connections.with_label_values(&["proxy"]);
+            open.inc();
+            match tls {
+                None => serve_conn(stream, peer, "http", gw, stop).await,
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(tls_stream) => serve_conn(tls_stream, peer, "https", gw, stop).await,
+                    Err(e) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+                },
             }
             open.dec();
+            drop(permit);
         });
     }
     drop(listener);
-    let _ = tokio::time::timeout(Duration::from_secs(15), graceful.shutdown()).await;
+    let drained = tokio::time::timeout(opts.shutdown_grace, async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = conns.len(),
+            "shutdown grace period over: closing remaining connections"
+        );
+        conns.shutdown().await;
+    }
+}
+
+/// One client connection, HTTP/1.1 or HTTP/2, under its watchdog.
+async fn serve_conn<S>(
+    stream: S,
+    peer: std::net::SocketAddr,
+    proto: &'static str,
+    gw: Arc<Gateway>,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = gw.live.load().conn;
+    let activity = Arc::new(Activity::new());
+    let ctx = ConnCtx {
+        peer,
+        proto,
+        activity: Some(activity.clone()),
+        stop: Some(stop.clone()),
+    };
+    let svc = service_fn(move |req| handle(gw.clone(), req, ctx.clone()));
+    let io = TokioIo::new(Watched {
+        io: stream,
+        activity: activity.clone(),
+    });
+    let builder = conn_builder(&limits);
+    let conn = builder.serve_connection(io, svc);
+    tokio::pin!(conn);
+    let mut draining = false;
+    loop {
+        let expiry = activity.check(limits.header_read_timeout, limits.idle_timeout);
+        let deadline = match expiry {
+            Expiry::At(t) => Some(tokio::time::Instant::from_std(t)),
+            Expiry::Busy => None,
+            Expiry::HeaderTimeout => {
+                tracing::debug!(%peer, "request head not received in time: closing (slow client)");
+                return;
+            }
+            Expiry::IdleTimeout => {
+                tracing::trace!(%peer, "idle keep-alive connection closed");
+                return;
+            }
+        };
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, %peer, "connection ended with error");
+                }
+                return;
+            }
+            _ = sleep => {}
+            _ = activity.changed.notified() => {}
+            _ = stopped(&mut stop), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
 }
 
 /// A minimal loop for small internal servers (admin listener, demo upstream).
@@ -77,9 +205,11 @@ where
         + Send
         + 'static,
 {
-    let builder = conn_builder(ConnLimits {
-        header_read_timeout: Duration::from_secs(10),
-    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
     loop {
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {

@@ -113,12 +113,21 @@ pub fn load_token_file(path: &Path) -> Result<TokenSet, TokenFileError> {
 }
 
 /// Loads the file into the store once; used at start-up, where a bad file must stop the process.
-pub fn apply_token_file(store: &TokenStore, path: &Path) -> Result<(), TokenFileError> {
-    let set = load_token_file(path)?;
+/// Returns the bytes applied, so the watcher knows what "unchanged" means.
+pub fn apply_token_file(store: &TokenStore, path: &Path) -> Result<Vec<u8>, TokenFileError> {
+    let bytes = std::fs::read(path).map_err(|e| TokenFileError::Read {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let text = std::str::from_utf8(&bytes).map_err(|e| TokenFileError::Parse {
+        path: path.to_owned(),
+        reason: format!("not UTF-8: {e}"),
+    })?;
+    let set = parse_token_file(path, text)?;
     let stats = store.replace_source(TokenSource::File, set);
     tracing::info!(path = %path.display(), tokens = stats.total, added = stats.added,
         updated = stats.updated, removed = stats.removed, "token file loaded");
-    Ok(())
+    Ok(bytes)
 }
 
 /// Keeps the store in step with the file. Watches the *directory*: editors save by rename and Kubernetes
@@ -127,6 +136,7 @@ pub fn apply_token_file(store: &TokenStore, path: &Path) -> Result<(), TokenFile
 pub fn watch_token_file(
     store: Arc<TokenStore>,
     path: PathBuf,
+    applied: Vec<u8>,
     on_result: Arc<dyn Fn(Result<(), &TokenFileError>) + Send + Sync>,
 ) -> notify::Result<notify::RecommendedWatcher> {
     let dir = path
@@ -135,13 +145,16 @@ pub fn watch_token_file(
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let check = tx.clone();
     let mut watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
         // A full channel already means "reload pending"; dropping the extra event is correct.
         let _ = tx.try_send(());
     })?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    // An edit between the initial load and this watch produced no event: look once now.
+    let _ = check.try_send(());
     tokio::spawn(async move {
-        let mut last_good = std::fs::read(&path).ok();
+        let mut last_good = Some(applied);
         while rx.recv().await.is_some() {
             // Let a burst of events (write + rename + chmod) settle into one reload.
             tokio::time::sleep(Duration::from_millis(100)).await;

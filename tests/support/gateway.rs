@@ -119,7 +119,7 @@ impl Builder {
             s.config = Some(p);
         }
         let (cfg, _) = s.resolve().expect("test config is valid");
-        let running = flaggate::app::start(cfg).await.expect("gateway starts");
+        let running = flaggate::app::start(cfg, Some(s)).await.expect("gateway starts");
         TestGateway {
             addr: running.proxy_addr,
             admin: running.admin_addr,

@@ -1,0 +1,169 @@
+//! Per-connection timing: which phase a client connection is in, so one watchdog can enforce both the
+//! header-read timeout (slowloris: bytes trickle in but no complete request) and the idle keep-alive
+//! timeout (nothing at all), without hyper's own header timer, which also runs while a keep-alive
+//! connection is simply idle and so would cut SDK connections between polls.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+
+const IDLE: u64 = 0;
+const READING_HEAD: u64 = 1;
+const BUSY: u64 = 2;
+
+/// Phase (top 2 bits) and the millisecond it began (rest), in one atomic.
+pub struct Activity {
+    state: AtomicU64,
+    inflight: AtomicU32,
+    epoch: Instant,
+    pub changed: Notify,
+}
+
+/// What the watchdog should do now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Expiry {
+    /// Not yet: check again at this instant (or when the phase changes).
+    At(Instant),
+    /// A request is being served: only upstream timeouts apply.
+    Busy,
+    HeaderTimeout,
+    IdleTimeout,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity::new()
+    }
+}
+
+impl Activity {
+    pub fn new() -> Activity {
+        Activity {
+            state: AtomicU64::new(IDLE << 62),
+            inflight: AtomicU32::new(0),
+            epoch: Instant::now(),
+            changed: Notify::new(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn pack(phase: u64, ms: u64) -> u64 {
+        phase << 62 | (ms & ((1 << 62) - 1))
+    }
+
+    /// Bytes arrived: an idle connection starts reading a request head.
+    pub fn on_read(&self) {
+        let cur = self.state.load(Ordering::Relaxed);
+        if cur >> 62 == IDLE
+            && self
+                .state
+                .compare_exchange(
+                    cur,
+                    Self::pack(READING_HEAD, self.now_ms()),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            self.changed.notify_one();
+        }
+    }
+
+    /// A complete request head was parsed and handed to the service.
+    pub fn begin(&self) {
+        self.inflight.fetch_add(1, Ordering::AcqRel);
+        self.state.store(Self::pack(BUSY, self.now_ms()), Ordering::Release);
+    }
+
+    /// A response finished (or was abandoned).
+    pub fn end(&self) {
+        if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.state.store(Self::pack(IDLE, self.now_ms()), Ordering::Release);
+            self.changed.notify_one();
+        }
+    }
+
+    pub fn check(&self, header_timeout: Duration, idle_timeout: Duration) -> Expiry {
+        let s = self.state.load(Ordering::Acquire);
+        let since = self.epoch + Duration::from_millis(s & ((1 << 62) - 1));
+        let (limit, expired) = match s >> 62 {
+            READING_HEAD => (header_timeout, Expiry::HeaderTimeout),
+            IDLE => (idle_timeout, Expiry::IdleTimeout),
+            _ => return Expiry::Busy,
+        };
+        let deadline = since + limit;
+        if Instant::now() >= deadline {
+            expired
+        } else {
+            Expiry::At(deadline)
+        }
+    }
+}
+
+/// The client socket, reporting reads to its [`Activity`] (wrapped in `TokioIo` for hyper).
+pub struct Watched<T> {
+    pub io: T,
+    pub activity: std::sync::Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let res = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.on_read();
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_drive_the_deadlines() {
+        let a = Activity::new();
+        let (h, i) = (Duration::from_secs(10), Duration::from_secs(60));
+        assert!(matches!(a.check(h, i), Expiry::At(d) if d > Instant::now() + Duration::from_secs(50)));
+        a.on_read();
+        assert!(matches!(a.check(h, i), Expiry::At(d) if d < Instant::now() + Duration::from_secs(11)));
+        a.begin();
+        a.on_read();
+        assert_eq!(a.check(h, i), Expiry::Busy);
+        a.end();
+        assert!(matches!(a.check(h, i), Expiry::At(d) if d > Instant::now() + Duration::from_secs(50)));
+        assert_eq!(a.check(Duration::ZERO, Duration::ZERO), Expiry::IdleTimeout);
+        a.on_read();
+        assert_eq!(a.check(Duration::ZERO, Duration::ZERO), Expiry::HeaderTimeout);
+    }
+}

@@ -47,6 +47,9 @@ pub struct Running {
     pub gateway: Arc<Gateway>,
     admin: Arc<AdminState>,
     stop: watch::Sender<bool>,
+    /// The admin listener outlives the drain, so probes see `/ready` 503 while connections finish.
+    admin_stop: watch::Sender<bool>,
+    admin_task: JoinHandle<()>,
     reload: mpsc::Sender<()>,
     tasks: Vec<JoinHandle<()>>,
     _watchers: Vec<notify::RecommendedWatcher>,
@@ -156,11 +159,12 @@ pub async fn start(cfg: Config, settings: Option<Settings>) -> Result<Running, S
         stop_rx.clone(),
     )));
     let a = admin.clone();
-    tasks.push(tokio::spawn(serve_simple(
+    let (admin_stop, admin_stop_rx) = watch::channel(false);
+    let admin_task = tokio::spawn(serve_simple(
         admin_listener,
         move |req| admin::handle(a.clone(), req),
-        stop_rx.clone(),
-    )));
+        admin_stop_rx,
+    ));
 
     // Reloads: asked for by SIGHUP (main) or by a change of the config file.
     let (reload, reload_rx) = mpsc::channel::<()>(1);
@@ -197,6 +201,8 @@ pub async fn start(cfg: Config, settings: Option<Settings>) -> Result<Running, S
         gateway,
         admin,
         stop,
+        admin_stop,
+        admin_task,
         reload,
         tasks,
         _watchers: watchers,
@@ -315,10 +321,13 @@ impl Running {
         self.reload.clone()
     }
 
-    /// Waits until every task has ended (after [`Running::shutdown`]).
+    /// Waits until the drain is over and every task has ended (after [`Running::shutdown`]), then
+    /// stops the admin listener.
     pub async fn wait(self) {
         for t in self.tasks {
             let _ = t.await;
         }
+        let _ = self.admin_stop.send(true);
+        let _ = self.admin_task.await;
     }
 }

@@ -78,7 +78,10 @@ async fn health_reports_good() {
     let r = get(gw.admin, "/health", None).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json(), serde_json::json!({"health": "GOOD"}));
-    assert!(r.headers["content-type"].to_str().unwrap().starts_with("application/json"));
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
 }
 
 #[tokio::test]
@@ -102,7 +105,12 @@ async fn metrics_are_served_on_the_admin_port_only() {
     assert_eq!(r.status, 401, "the proxy port treats /metrics like any other path");
     assert!(!r.text().contains("flaggate_"), "{}", r.text());
     let r = get(gw.addr, "/health", Some(CLIENT)).await;
-    assert_eq!(r.status, 403, "a client token cannot reach unmatched paths: {}", r.text());
+    assert_eq!(
+        r.status,
+        403,
+        "a client token cannot reach unmatched paths: {}",
+        r.text()
+    );
     assert_eq!(up.count(), 0);
 }
 
@@ -119,13 +127,20 @@ async fn metrics_count_each_decision_exactly_and_never_show_a_secret() {
     let before = get(gw.admin, "/metrics", None).await;
     assert_eq!(before.status, 200);
     assert!(
-        before.headers["content-type"].to_str().unwrap().starts_with("text/plain"),
+        before.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain"),
         "{:?}",
         before.headers
     );
     let before = before.text();
     assert_eq!(
-        value(&before, "flaggate_build_info", &[("version", env!("CARGO_PKG_VERSION"))]),
+        value(
+            &before,
+            "flaggate_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
         Some(1.0)
     );
     assert_eq!(requests(&before, "200", "allowed").unwrap_or(0.0), 0.0);
@@ -185,7 +200,9 @@ async fn ready_while_serving_then_draining_at_shutdown() {
 
     // A probe connection that is already open keeps working through shutdown and sees the drain.
     let stream = tokio::net::TcpStream::connect(gw.admin).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     assert_eq!(on_conn(&mut sender, "/ready").await.0, 200);
 
@@ -196,7 +213,11 @@ async fn ready_while_serving_then_draining_at_shutdown() {
     assert_eq!(body["ready"], false);
     let (status, metrics) = on_conn(&mut sender, "/metrics").await;
     assert_eq!(status, 200);
-    assert_eq!(value(&metrics, "flaggate_ready", &[]), Some(0.0), "the gauge follows /ready");
+    assert_eq!(
+        value(&metrics, "flaggate_ready", &[]),
+        Some(0.0),
+        "the gauge follows /ready"
+    );
 
     // New connections are no longer accepted, on either listener.
     let started = Instant::now();

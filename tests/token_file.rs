@@ -198,6 +198,28 @@ async fn a_broken_edit_keeps_the_last_good_set_and_the_next_good_edit_applies() 
     eventually(&gw, CLIENT_PATH, A, 401).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_file_keeps_the_last_good_set_until_it_reappears() {
+    let (_up, gw) = setup(&[(A, "client")]).await;
+    assert_eq!(status(&gw, CLIENT_PATH, A).await, 200);
+    std::fs::remove_file(&gw.token_file).unwrap();
+    steadily(&gw, CLIENT_PATH, A, 200, Duration::from_millis(1000)).await;
+    write(&gw.token_file, &[(B, "client")]);
+    eventually(&gw, CLIENT_PATH, B, 200).await;
+    eventually(&gw, CLIENT_PATH, A, 401).await;
+}
+
+/// An in-place writer truncates first; a write that then fails (disk full, crashed tool) leaves a
+/// zero-byte file. That is a broken edit too and must not revoke every token at once (`tokens: []` is
+/// how to say "no tokens" on purpose).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_file_keeps_the_last_good_set() {
+    let (_up, gw) = setup(&[(A, "client")]).await;
+    assert_eq!(status(&gw, CLIENT_PATH, A).await, 200);
+    std::fs::write(&gw.token_file, "").unwrap();
+    steadily(&gw, CLIENT_PATH, A, 200, Duration::from_millis(1000)).await;
+}
+
 /// An edit made right after start-up (config management writing the file as the service starts) must
 /// not be lost: the watcher has to compare against what was actually loaded, not against a later read.
 #[tokio::test]

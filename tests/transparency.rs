@@ -424,6 +424,55 @@ async fn server_sent_events_are_streamed_event_by_event() {
     assert!(end.to_bytes().is_empty());
 }
 
+/// `upstream_timeout` bounds the wait for response headers only: a started stream is not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_started_stream_outlives_the_upstream_timeout() {
+    let (senders_tx, mut senders) = tokio::sync::mpsc::unbounded_channel();
+    let up = upstream()
+        .route("/api/client/streaming", move |_| {
+            let (tx, body) = channel_body();
+            senders_tx.send(tx).unwrap();
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(body)
+                .unwrap()
+        })
+        .run()
+        .await;
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .settings(|s| s.upstream_timeout = Some("300ms".into()))
+        .start()
+        .await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let req = Request::get(gw.url("/api/client/streaming"))
+        .header("authorization", CLIENT)
+        .body(Empty::new())
+        .unwrap();
+    let pending = tokio::spawn(client.request(req));
+    let events = tokio::time::timeout(Duration::from_secs(5), senders.recv())
+        .await
+        .expect("upstream never got the stream request")
+        .unwrap();
+    events.send(Bytes::from("data: 1\n\n")).await.unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .expect("no response head")
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut acc = Vec::new();
+    read_until(&mut body, &mut acc, "data: 1", Duration::from_secs(3)).await;
+    for i in 2..=3 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        events.send(Bytes::from(format!("data: {i}\n\n"))).await.unwrap();
+        read_until(&mut body, &mut acc, &format!("data: {i}"), Duration::from_secs(3)).await;
+    }
+    assert_eq!(String::from_utf8_lossy(&acc), "data: 1\n\ndata: 2\n\ndata: 3\n\n");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_request_body_arrives_intact() {
     let up = upstream().route("*", |_| ok_json("{}")).run().await;

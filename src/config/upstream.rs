@@ -25,13 +25,8 @@ impl Upstream {
             .scheme()
             .cloned()
             .ok_or_else(|| format!("`{s}` needs a scheme, e.g. http://{s}"))?;
-        if scheme == Scheme::HTTPS {
-            return Err(format!(
-                "`{s}`: https upstreams are not supported yet; use http:// (TLS arrives with the TLS issue)"
-            ));
-        }
-        if scheme != Scheme::HTTP {
-            return Err(format!("`{s}`: scheme must be http"));
+        if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+            return Err(format!("`{s}`: scheme must be http or https"));
         }
         let authority = uri.authority().cloned().ok_or_else(|| format!("`{s}` has no host"))?;
         if authority.as_str().contains('@') {
@@ -95,7 +90,6 @@ mod tests {
             "http://u:p@x",
             "http://x/?a=1",
             "not a url",
-            "https://x",
         ] {
             assert!(Upstream::parse(bad).is_err(), "{bad}");
         }

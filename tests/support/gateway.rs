@@ -146,8 +146,12 @@ impl TestGateway {
 
 impl Drop for TestGateway {
     fn drop(&mut self) {
-        if let Some(r) = &self.running {
+        if let Some(r) = self.running.take() {
             r.shutdown();
+            // Let the drain finish in the background so the admin listener closes too.
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                h.spawn(r.wait());
+            }
         }
     }
 }

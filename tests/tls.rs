@@ -1,0 +1,168 @@
+//! TLS termination and TLS to the upstream, with certificates generated here.
+mod support;
+
+use std::time::Duration;
+use support::tls::{connect, Ca};
+use support::upstream::ok_json;
+use support::{gateway, get, upstream};
+
+const CLIENT: &str = "*:development.tls-client-0123456789abcdef";
+
+async fn eventually(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_h2_and_http1_and_certificate_hot_swap() {
+    let up = upstream().route("*", |_| ok_json(r#"{"via":"tls"}"#)).run().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let first = ca.leaf("first");
+    let (cert, key) = first.write(dir.path(), "server");
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .settings(|s| {
+            s.tls_cert = Some(cert.display().to_string());
+            s.tls_key = Some(key.display().to_string());
+        })
+        .start()
+        .await;
+
+    let mut h2 = connect(gw.addr, &ca, &[b"h2", b"http/1.1"], None).await.unwrap();
+    assert_eq!(h2.alpn.as_deref(), Some(&b"h2"[..]));
+    let (status, version, body) = h2.get("/api/client/features", CLIENT).await.unwrap();
+    assert_eq!(
+        (status, version, body.as_str()),
+        (200, http::Version::HTTP_2, r#"{"via":"tls"}"#)
+    );
+
+    let mut h1 = connect(gw.addr, &ca, &[b"http/1.1"], None).await.unwrap();
+    assert_eq!(h1.alpn.as_deref(), Some(&b"http/1.1"[..]));
+    assert_eq!(h1.get("/api/client/features", CLIENT).await.unwrap().0, 200);
+    assert_eq!(
+        h1.get("/api/admin/projects", CLIENT).await.unwrap().0,
+        403,
+        "policy applies over TLS"
+    );
+    assert_eq!(h1.peer_cert, first.der);
+    let seen = up.seen();
+    assert_eq!(seen[0].header("x-forwarded-proto"), Some("https"));
+
+    // Swap the pair on disk (key first, then cert, as a renewal tool would).
+    let second = ca.leaf("second");
+    std::fs::write(&key, &second.key_pem).unwrap();
+    std::fs::write(&cert, &second.cert_pem).unwrap();
+    let swapped = eventually(Duration::from_secs(3), async || {
+        connect(gw.addr, &ca, &[b"http/1.1"], None)
+            .await
+            .map(|c| c.peer_cert == second.der)
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(swapped, "new connections did not get the new certificate");
+    // The connection opened before the swap keeps working.
+    assert_eq!(h1.get("/api/client/features", CLIENT).await.unwrap().0, 200);
+    assert_eq!(h2.get("/api/client/features", CLIENT).await.unwrap().0, 200);
+
+    // A broken certificate file keeps the current one serving.
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut c = connect(gw.addr, &ca, &[b"http/1.1"], None)
+        .await
+        .expect("still serving TLS");
+    assert_eq!(c.peer_cert, second.der, "old certificate kept after a bad write");
+    assert_eq!(c.get("/api/client/features", CLIENT).await.unwrap().0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_refuses_clients_without_a_certificate_from_the_ca() {
+    let up = upstream().route("*", |_| ok_json("{}")).run().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("server CA");
+    let (cert, key) = ca.leaf("server").write(dir.path(), "server");
+    let client_ca = Ca::new("client CA");
+    let client_ca_path = client_ca.write(dir.path(), "client-ca.pem");
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .settings(|s| {
+            s.tls_cert = Some(cert.display().to_string());
+            s.tls_key = Some(key.display().to_string());
+            s.tls_client_ca = Some(client_ca_path.display().to_string());
+        })
+        .start()
+        .await;
+
+    // Without a client certificate: the handshake (or the first request, in TLS 1.3) fails.
+    let refused = match connect(gw.addr, &ca, &[b"http/1.1"], None).await {
+        Err(_) => true,
+        Ok(mut c) => c.get("/api/client/features", CLIENT).await.is_err(),
+    };
+    assert!(refused, "a client without a certificate was served");
+    // A certificate from another CA is refused too.
+    let stranger = Ca::new("other").leaf("intruder");
+    let refused = match connect(gw.addr, &ca, &[b"http/1.1"], Some(&stranger)).await {
+        Err(_) => true,
+        Ok(mut c) => c.get("/api/client/features", CLIENT).await.is_err(),
+    };
+    assert!(refused, "a client certificate from an unknown CA was accepted");
+    let me = client_ca.leaf("sdk");
+    let mut c = connect(gw.addr, &ca, &[b"h2"], Some(&me)).await.unwrap();
+    assert_eq!(c.get("/api/client/features", CLIENT).await.unwrap().0, 200);
+    assert_eq!(up.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_upstream_is_verified_against_the_configured_ca() {
+    // The upstream: a plain mock behind a second gateway that terminates TLS with our test CA.
+    let mock = upstream()
+        .route("*", |_| ok_json(r#"{"from":"tls-upstream"}"#))
+        .run()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("upstream CA");
+    let (cert, key) = ca.leaf("unleash").write(dir.path(), "upstream");
+    let tls_upstream = gateway()
+        .upstream(mock.url())
+        .token(CLIENT, "client")
+        .settings(|s| {
+            s.tls_cert = Some(cert.display().to_string());
+            s.tls_key = Some(key.display().to_string());
+        })
+        .start()
+        .await;
+    let ca_path = ca.write(dir.path(), "ca.pem");
+    let url = format!("https://127.0.0.1:{}", tls_upstream.addr.port());
+
+    let trusting = gateway()
+        .upstream(url.clone())
+        .token(CLIENT, "client")
+        .settings(|s| s.upstream_ca = Some(ca_path.display().to_string()))
+        .start()
+        .await;
+    let r = get(trusting.addr, "/api/client/features", Some(CLIENT)).await;
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (200, r#"{"from":"tls-upstream"}"#)
+    );
+
+    // Without the CA the upstream's certificate is unknown: 502, and nothing reached the mock.
+    let before = mock.count();
+    let strict = gateway().upstream(url).token(CLIENT, "client").start().await;
+    let r = get(strict.addr, "/api/client/features", Some(CLIENT)).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.json()["code"], "upstream_unreachable");
+    assert_eq!(mock.count(), before);
+}

@@ -181,6 +181,10 @@ async fn metrics_count_each_decision_exactly_and_never_show_a_secret() {
 
 /// Sends GET `path` on an already-open HTTP/1 connection.
 async fn on_conn(sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>, path: &str) -> (u16, String) {
+    tokio::time::timeout(Duration::from_secs(5), sender.ready())
+        .await
+        .expect("connection never became ready")
+        .expect("admin connection was closed");
     let req = Request::get(path).header("host", "admin").body(Empty::new()).unwrap();
     let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
         .await

@@ -1,0 +1,189 @@
+//! Every limit triggers its status; slow, idle and surplus clients cannot starve normal ones.
+mod support;
+
+use std::time::{Duration, Instant};
+use support::client::raw_status;
+use support::upstream::ok_json;
+use support::{gateway, get, raw, upstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const CLIENT: &str = "*:development.limits-client-0123456789abcdef";
+
+/// Reads until EOF or `limit`; returns (bytes, saw_eof).
+async fn read_until_close(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (out, true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (out, false),
+        }
+    }
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431_and_oversized_bodies_413() {
+    let up = upstream().route("*", |_| ok_json("{}")).run().await;
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .settings(|s| {
+            s.max_header_bytes = Some("8KiB".into());
+            s.max_request_body = Some("1KiB".into());
+        })
+        .start()
+        .await;
+
+    let big = "a".repeat(10_000);
+    let req = format!("GET /api/client/features HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nX-Big: {big}\r\nConnection: close\r\n\r\n");
+    assert_eq!(raw_status(&raw(gw.addr, req.as_bytes()).await), 431);
+
+    // Declared too large: refused before anything is forwarded.
+    let body = "x".repeat(2000);
+    let req = format!("POST /api/client/metrics HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let reply = raw(gw.addr, req.as_bytes()).await;
+    assert_eq!(raw_status(&reply), 413, "{reply}");
+    assert!(reply.contains("\"code\":\"body_too_large\""));
+    assert_eq!(up.count(), 0);
+
+    // Undeclared (chunked) and too large: cut while streaming.
+    let chunk = "y".repeat(600);
+    let req = format!(
+        "POST /api/client/metrics HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{chunk}\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+        chunk.len(),
+        chunk.len()
+    );
+    assert_eq!(raw_status(&raw(gw.addr, req.as_bytes()).await), 413);
+
+    // Within the limits all is well.
+    let req = format!("POST /api/client/metrics HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}");
+    assert_eq!(raw_status(&raw(gw.addr, req.as_bytes()).await), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_client_is_cut_at_the_header_timeout_while_others_are_served() {
+    let up = upstream().route("*", |_| ok_json("{}")).run().await;
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .settings(|s| s.header_read_timeout = Some("2s".into()))
+        .start()
+        .await;
+    let addr = gw.addr;
+    let slow = tokio::spawn(async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let started = Instant::now();
+        let head = format!("GET /api/client/features HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nX-Pad: ");
+        for b in head.bytes().chain(std::iter::repeat(b'a')) {
+            if s.write_all(&[b]).await.is_err() || started.elapsed() > Duration::from_secs(8) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        started.elapsed()
+    });
+    // Normal clients keep being served meanwhile.
+    for _ in 0..10 {
+        assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let cut_after = slow.await.unwrap();
+    assert!(
+        cut_after < Duration::from_secs(4),
+        "slow client held on for {cut_after:?}"
+    );
+    assert!(cut_after >= Duration::from_millis(1800), "cut too early: {cut_after:?}");
+    assert_eq!(up.count(), 10, "the slow request never reached upstream");
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_after_the_idle_timeout_but_not_before() {
+    let up = upstream().route("*", |_| ok_json("{}")).run().await;
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .settings(|s| {
+            s.idle_timeout = Some("1500ms".into());
+            s.header_read_timeout = Some("500ms".into());
+        })
+        .start()
+        .await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let req = format!("GET /api/client/features HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let (first, closed) = read_until_close(&mut s, Duration::from_millis(300)).await;
+    assert!(String::from_utf8_lossy(&first).starts_with("HTTP/1.1 200"));
+    assert!(!closed);
+    // Idle longer than the header timeout but shorter than the idle timeout: still usable.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    s.write_all(req.as_bytes()).await.unwrap();
+    let (second, closed) = read_until_close(&mut s, Duration::from_millis(300)).await;
+    assert!(
+        String::from_utf8_lossy(&second).starts_with("HTTP/1.1 200"),
+        "keep-alive cut before the idle timeout"
+    );
+    assert!(!closed);
+    // Then idle past the idle timeout: the gateway closes it.
+    let started = Instant::now();
+    let (_, closed) = read_until_close(&mut s, Duration::from_secs(3)).await;
+    assert!(closed, "idle connection never closed");
+    assert!(started.elapsed() < Duration::from_millis(2500));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_idle_connections_do_not_stop_a_new_client() {
+    let up = upstream().route("*", |_| ok_json("{}")).run().await;
+    let gw = gateway().upstream(up.url()).token(CLIENT, "client").start().await;
+    let mut idle = Vec::with_capacity(2000);
+    for _ in 0..2000 {
+        idle.push(TcpStream::connect(gw.addr).await.unwrap());
+    }
+    let started = Instant::now();
+    let r = get(gw.addr, "/api/client/features", Some(CLIENT)).await;
+    assert_eq!(r.status, 200);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let m = get(gw.admin, "/metrics", None).await.text();
+    let open: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("flaggate_connections{listener=\"proxy\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(open >= 2000.0, "open connections gauge: {open}");
+    drop(idle);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_wait_for_a_slot_instead_of_crashing_anything() {
+    let up = upstream().route("*", |_| ok_json("{}")).run().await;
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .settings(|s| s.max_connections = Some("3".into()))
+        .start()
+        .await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(TcpStream::connect(gw.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let addr = gw.addr;
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = get(addr, "/api/client/features", Some(CLIENT)).await;
+        (r.status.as_u16(), started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a fourth connection was served beyond the cap of 3"
+    );
+    held.pop();
+    let (status, waited) = waiting.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(waited >= Duration::from_millis(600));
+}

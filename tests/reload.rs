@@ -1,0 +1,117 @@
+//! Config hot reload: route rules change without a restart; a broken file keeps the old rules.
+mod support;
+
+use std::time::{Duration, Instant};
+use support::upstream::ok_json;
+use support::{gateway, get, upstream};
+
+const CLIENT: &str = "*:development.reload-client-0123456789abcdef";
+const ADMIN: &str = "*:*.reload-admin-0123456789abcdef";
+
+async fn status_becomes(gw: &support::TestGateway, path: &str, token: &str, want: u16, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if get(gw.addr, path, Some(token)).await.status == want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+fn metric(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_rules_reload_without_restart_and_a_broken_file_keeps_the_old_ones() {
+    let up = upstream().route("*", |_| ok_json("{}")).run().await;
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .token(ADMIN, "admin")
+        .config("max_request_body = \"1MiB\"\n")
+        .start()
+        .await;
+    let config = gw.dir.path().join("flaggate.toml");
+    assert_eq!(
+        get(gw.addr, "/health", Some(CLIENT)).await.status,
+        403,
+        "default: admin only"
+    );
+
+    // Open /health to client tokens by editing the file.
+    std::fs::write(
+        &config,
+        "max_request_body = \"1MiB\"\n[[routes]]\nname = \"health\"\nprefix = \"/health\"\nallow = [\"client\", \"admin\"]\n",
+    )
+    .unwrap();
+    assert!(
+        status_becomes(&gw, "/health", CLIENT, 200, Duration::from_secs(3)).await,
+        "rule not applied"
+    );
+    let m = get(gw.admin, "/metrics", None).await.text();
+    assert_eq!(metric(&m, "flaggate_config_reloads_total{result=\"ok\"}"), 1.0);
+    assert_eq!(metric(&m, "flaggate_config_last_reload_success"), 1.0);
+
+    // A broken edit: unknown key. The old rules keep serving and the failure is counted.
+    std::fs::write(&config, "max_request_body = \"1MiB\"\nroutez = 1\n").unwrap();
+    let start = Instant::now();
+    let mut failed = false;
+    while start.elapsed() < Duration::from_secs(3) {
+        let m = get(gw.admin, "/metrics", None).await.text();
+        if metric(&m, "flaggate_config_reloads_total{result=\"error\"}") >= 1.0 {
+            assert_eq!(metric(&m, "flaggate_config_last_reload_success"), 0.0);
+            failed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(failed, "broken config not reported");
+    assert_eq!(
+        get(gw.addr, "/health", Some(CLIENT)).await.status,
+        200,
+        "old rules kept"
+    );
+
+    // Fixing the file applies again; removing the rule restores the default.
+    std::fs::write(&config, "max_request_body = \"1MiB\"\n").unwrap();
+    assert!(status_becomes(&gw, "/health", CLIENT, 403, Duration::from_secs(3)).await);
+    assert_eq!(get(gw.addr, "/health", Some(ADMIN)).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_reload_applies_limits_to_new_requests() {
+    let up = upstream().route("*", |_| ok_json("{}")).run().await;
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .config("max_request_body = \"1MiB\"\n")
+        .start()
+        .await;
+    let post = |n: usize| {
+        let body = "x".repeat(n);
+        format!("POST /api/client/metrics HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n{body}")
+    };
+    assert_eq!(
+        support::client::raw_status(&support::raw(gw.addr, post(4000).as_bytes()).await),
+        200
+    );
+    std::fs::write(gw.dir.path().join("flaggate.toml"), "max_request_body = \"1KiB\"\n").unwrap();
+    // What SIGHUP does; the file watcher would also pick it up.
+    gw.running.as_ref().unwrap().reload();
+    let start = Instant::now();
+    let mut applied = false;
+    while start.elapsed() < Duration::from_secs(3) {
+        if support::client::raw_status(&support::raw(gw.addr, post(4000).as_bytes()).await) == 413 {
+            applied = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(applied, "new body limit not applied");
+}

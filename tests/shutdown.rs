@@ -1,0 +1,196 @@
+//! SIGTERM on the real binary: readiness flips at once, no new connections, the in-flight request
+//! finishes, an event stream is ended cleanly, and the process exits 0 within the grace period.
+mod support;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::upstream::channel_body;
+use support::{get, upstream};
+
+const CLIENT: &str = "*:development.shutdown-client-0123456789abcdef";
+
+struct Binary {
+    child: std::process::Child,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+fn start_binary(upstream: &str, dir: &std::path::Path, extra: &[&str]) -> Binary {
+    let tokens = dir.join("tokens.yaml");
+    std::fs::write(&tokens, format!("tokens:\n  - secret: {CLIENT:?}\n    type: client\n")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flaggate"))
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ])
+        .args(["--upstream", upstream, "--token-file", tokens.to_str().unwrap()])
+        .args(extra)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let l = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v["message"] == "flaggate started" {
+                    let _ = tx.send((
+                        v["listen"].as_str().unwrap().to_string(),
+                        v["admin_listen"].as_str().unwrap().to_string(),
+                    ));
+                }
+            }
+            l.lock().unwrap().push(line);
+        }
+    });
+    let (proxy, admin) = rx.recv_timeout(Duration::from_secs(20)).expect("gateway started");
+    Binary {
+        child,
+        proxy: proxy.parse().unwrap(),
+        admin: admin.parse().unwrap(),
+        log,
+    }
+}
+
+fn sigterm(pid: u32) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_work_and_exits_zero() {
+    let up = upstream()
+        .route("/api/client/features", |_| {
+            // A slow response: headers now, the body 1.5 s later.
+            let (tx, body) = channel_body();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let _ = tx.send(Bytes::from_static(b"{\"features\":[\"slow\"]}")).await;
+            });
+            http::Response::builder()
+                .header("content-type", "application/json")
+                .body(body)
+                .unwrap()
+        })
+        .route("/api/client/streaming", |_| {
+            let (tx, body) = channel_body();
+            tokio::spawn(async move {
+                for i in 0..300 {
+                    if tx
+                        .send(Bytes::from(format!("event: update\ndata: {i}\n\n")))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+            http::Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(body)
+                .unwrap()
+        })
+        .run()
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = start_binary(&up.url(), dir.path(), &["--shutdown-grace", "5s"]);
+    assert_eq!(get(gw.admin, "/ready", None).await.status, 200);
+
+    // An open event stream.
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = http::Request::get(format!("http://{}/api/client/streaming", gw.proxy))
+        .header("authorization", CLIENT)
+        .header("accept", "text/event-stream")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let mut stream = client.request(req).await.unwrap().into_body();
+    let first = tokio::time::timeout(Duration::from_secs(3), stream.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(first.data_ref().is_some());
+
+    // A slow request in flight.
+    let proxy = gw.proxy;
+    let slow = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = get(proxy, "/api/client/features", Some(CLIENT)).await;
+        (r.status.as_u16(), r.text(), started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let signalled = Instant::now();
+    sigterm(gw.child.id());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ready = get(gw.admin, "/ready", None).await;
+    assert_eq!(ready.status, 503, "readiness flips at once");
+    assert_eq!(ready.json()["reason"], "shutting down");
+    assert!(
+        tokio::net::TcpStream::connect(gw.proxy).await.is_err(),
+        "new connections are refused"
+    );
+
+    // The event stream ends cleanly (no error), well before the grace period.
+    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match stream.frame().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Ok(()),
+            }
+        }
+    })
+    .await
+    .expect("event stream still open after shutdown began");
+    assert_eq!(ended, Ok(()), "event stream ended with an error");
+
+    let (status, body, took) = slow.await.unwrap();
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "{\"features\":[\"slow\"]}"),
+        "in-flight request completed"
+    );
+    assert!(took >= Duration::from_millis(1400));
+
+    let exit = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(6);
+        loop {
+            if let Some(s) = gw.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = gw.child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    let status = exit.expect("process did not exit within the grace period");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(signalled.elapsed() < Duration::from_secs(5));
+    let log = gw.log.lock().unwrap().join("\n");
+    assert!(log.contains("shutdown requested"), "{log}");
+}

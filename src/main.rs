@@ -29,6 +29,18 @@ enum Cmd {
     /// Inspect tokens
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Probe this instance's admin /ready endpoint: exit 0 when ready (container HEALTHCHECK)
+    Health(HealthArgs),
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    /// Admin address to probe; an unspecified address (0.0.0.0, ::) probes loopback
+    #[arg(long, env = "FLAGGATE_ADMIN_LISTEN", default_value = flaggate::config::DEFAULT_ADMIN_LISTEN)]
+    admin_listen: String,
+    /// Probe /health (alive) instead of /ready
+    #[arg(long)]
+    live: bool,
 }
 
 #[derive(Subcommand)]
@@ -66,6 +78,7 @@ fn main() -> std::process::ExitCode {
         Some(Cmd::Demo(d)) => demo(d),
         Some(Cmd::CheckConfig(s)) => check_config(s),
         Some(Cmd::Token(TokenCmd::Explain { token, settings })) => explain(&token, settings),
+        Some(Cmd::Health(h)) => health(h),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -141,6 +154,39 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn health(args: HealthArgs) -> anyhow::Result<()> {
+    let mut addr: std::net::SocketAddr = args.admin_listen.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "--admin-listen / FLAGGATE_ADMIN_LISTEN: `{}` is not IP:port",
+            args.admin_listen
+        )
+    })?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            [127, 0, 0, 1].into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let path = if args.live { "/health" } else { "/ready" };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let status = rt.block_on(async {
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let uri: http::Uri = format!("http://{addr}{path}").parse()?;
+        let resp = tokio::time::timeout(std::time::Duration::from_secs(3), client.get(uri))
+            .await
+            .map_err(|_| anyhow::anyhow!("{addr}{path}: no answer within 3 s"))??;
+        anyhow::Ok(resp.status())
+    })?;
+    if status.is_success() {
+        println!("{path}: {status}");
+        Ok(())
+    } else {
+        bail!("{path}: {status}")
     }
 }
 

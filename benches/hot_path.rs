@@ -94,6 +94,20 @@ fn bench(c: &mut Criterion) {
             decide(policy.route(&p), &Method::GET, true, e.as_deref(), 0)
         })
     });
+    // Per-token rate limiting: the extra cost on a request whose token has a limit.
+    let mut limits = flaggate::ratelimit::RateLimits::default();
+    limits.per_kind.insert(
+        TokenKind::Client,
+        flaggate::ratelimit::Rate {
+            per_second: 1e12,
+            burst: 1e12,
+        },
+    );
+    let limiter = flaggate::ratelimit::RateLimiter::new(limits);
+    let digest = Digest::of(TOKEN);
+    g.bench_function("rate_limit_check", |b| {
+        b.iter(|| limiter.check(black_box(&digest), &entry).is_ok())
+    });
     g.finish();
 }
 

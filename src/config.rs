@@ -104,6 +104,7 @@ pub struct Config {
     pub pat_rate_limit: u32,
     pub pat_negative_cache_size: u64,
     pub pat_negative_ttl: Duration,
+    pub rate_limits: crate::ratelimit::RateLimits,
     pub routes: Vec<Rule>,
 }
 
@@ -142,8 +143,23 @@ pub(crate) struct FileSettings {
     pub pat_rate_limit: Option<String>,
     pub pat_negative_cache_size: Option<String>,
     pub pat_negative_ttl: Option<String>,
+    pub rate_limit_client: Option<String>,
+    pub rate_limit_frontend: Option<String>,
+    pub rate_limit_admin: Option<String>,
+    pub rate_limit_pat: Option<String>,
+    #[serde(default)]
+    pub rate_limit_tokens: Vec<FileTokenRate>,
     #[serde(default)]
     pub routes: Vec<FileRule>,
+}
+
+/// `[[rate_limit_tokens]]`: a limit for one named token (the `name` in the token file or Unleash's
+/// `tokenName`), overriding its kind's.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileTokenRate {
+    pub name: String,
+    pub rate: String,
 }
 
 #[derive(Debug, Deserialize)]

@@ -53,6 +53,10 @@ pub enum Rejection {
     DuplicateHost,
     #[error("method not allowed through the gateway")]
     MethodNotAllowed,
+    #[error("malformed request body")]
+    MalformedBody,
+    #[error("rate limit exceeded for this token")]
+    RateLimited(std::time::Duration),
     #[error("request body larger than {0} bytes")]
     BodyTooLarge(u64),
     #[error("no token")]
@@ -107,6 +111,8 @@ impl Rejection {
             Rejection::WrongScope => StatusCode::FORBIDDEN,
             Rejection::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Rejection::MalformedBody => StatusCode::BAD_REQUEST,
+            Rejection::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Rejection::UpstreamConnect(_) | Rejection::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             Rejection::UpstreamTimeout(_) | Rejection::UpstreamConnectTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Rejection::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -131,9 +137,11 @@ impl Rejection {
             | Rejection::BadAuthorization(_)
             | Rejection::DuplicateHost
             | Rejection::BodyTooLarge(_)
-            | Rejection::MethodNotAllowed => Decision::BadRequest,
+            | Rejection::MethodNotAllowed
+            | Rejection::MalformedBody => Decision::BadRequest,
             Rejection::NoToken(_) | Rejection::UnknownToken(_) | Rejection::Expired(_) => Decision::Unauthenticated,
             Rejection::WrongScope => Decision::Forbidden,
+            Rejection::RateLimited(_) => Decision::RateLimited,
             Rejection::UpstreamConnect(_)
             | Rejection::UpstreamConnectTimeout(_)
             | Rejection::UpstreamTimeout(_)
@@ -152,6 +160,8 @@ impl Rejection {
             Rejection::DuplicateHost => "duplicate_host",
             Rejection::BodyTooLarge(_) => "body_too_large",
             Rejection::MethodNotAllowed => "method_not_allowed",
+            Rejection::MalformedBody => "malformed_body",
+            Rejection::RateLimited(_) => "rate_limited",
             Rejection::NoToken(_) => "no_token",
             Rejection::UnknownToken(_) => "unknown_token",
             Rejection::Expired(_) => "expired_token",
@@ -197,9 +207,18 @@ impl Rejection {
 
     pub fn into_response(&self) -> Response<Full<Bytes>> {
         let mut r = json_response(self.status(), &self.body());
-        if let Rejection::MethodNotAllowed = self {
-            r.headers_mut()
-                .insert(http::header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+        match self {
+            Rejection::MethodNotAllowed => {
+                r.headers_mut()
+                    .insert(http::header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+            }
+            Rejection::RateLimited(wait) => {
+                // RFC 9110 §10.2.3: whole seconds; round up so a client that obeys is let through.
+                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                r.headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+            _ => {}
         }
         r
     }

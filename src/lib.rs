@@ -12,6 +12,7 @@ pub mod error;
 pub mod path;
 pub mod policy;
 pub mod proxy;
+pub mod ratelimit;
 pub mod telemetry;
 pub mod tls;
 pub mod token;

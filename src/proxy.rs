@@ -7,6 +7,7 @@
 //! 5. **forward** — pooled client, bodies streamed both ways, upstream failures → 502/504;
 //! 6. **record** — one access-log line and the metrics, for every request whatever its fate.
 
+pub mod body;
 pub mod conn;
 pub mod connector;
 pub mod forward;
@@ -54,12 +55,12 @@ pub struct Gateway {
 
 /// Settings a config reload may change without a restart. Connections read them when they start,
 /// requests when they arrive.
-#[derive(Clone, Debug)]
 pub struct Live {
     pub policy: Policy,
     pub max_request_body: u64,
     pub upstream_timeout: Duration,
     pub conn: server::ConnLimits,
+    pub limiter: Option<crate::ratelimit::RateLimiter>,
 }
 
 impl Live {
@@ -69,6 +70,7 @@ impl Live {
             max_request_body: cfg.max_request_body,
             upstream_timeout: cfg.upstream_timeout,
             conn: server::ConnLimits::from_config(cfg),
+            limiter: (!cfg.rate_limits.is_empty()).then(|| crate::ratelimit::RateLimiter::new(cfg.rate_limits.clone())),
         }
     }
 }
@@ -255,8 +257,9 @@ async fn run_phases(
     let token = extract(&parts.headers).map_err(Rejection::BadAuthorization)?;
     let presented = token.is_some();
     let mut entry = None;
+    let mut digest = None;
     if let Some(t) = token {
-        let digest = Digest::of(t);
+        let digest = *digest.insert(Digest::of(t));
         entry = gw.store.lookup(&digest);
         let result = if entry.is_some() { "hit" } else { "miss" };
         gw.metrics.token_cache_lookups.with_label_values(&[result]).inc();
@@ -272,6 +275,9 @@ async fn run_phases(
         return Err(rej);
     }
     debug_assert!(matches!(verdict, Verdict::Allow | Verdict::Preflight));
+    if let (Some(limiter), Some(info), Some(d)) = (&live.limiter, &entry, &digest) {
+        limiter.check(d, info).map_err(Rejection::RateLimited)?;
+    }
 
     // 4. prepare
     let mut hosts = parts.headers.get_all(HOST).iter();
@@ -303,14 +309,15 @@ async fn run_phases(
     if declared.is_some_and(|n| n > limit) {
         return Err(Rejection::BodyTooLarge(limit));
     }
-    let body = http_body_util::Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX));
+    let fault = body::FaultCell::default();
+    let body = body::DownstreamBody::new(body, limit, fault.clone());
     let upstream_timeout = live.upstream_timeout;
     drop(live);
     let result = tokio::time::timeout(upstream_timeout, gw.client.request(Request::from_parts(parts, body))).await;
     out.upstream_time = Some(sent.elapsed());
     let resp = result
         .map_err(|_| Rejection::UpstreamTimeout(upstream_timeout))?
-        .map_err(|e| forward::classify(e, limit))?;
+        .map_err(|e| forward::classify(e, limit, fault.get()))?;
     let (mut rparts, rbody) = resp.into_parts();
     headers::strip_hop_by_hop(&mut rparts.headers);
     Ok(Response::from_parts(rparts, Either::Left(rbody)))

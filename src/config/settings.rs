@@ -81,6 +81,18 @@ pub struct Settings {
     /// Private key (PEM) for --upstream-client-cert
     #[arg(long, env = "FLAGGATE_UPSTREAM_CLIENT_KEY", value_name = "FILE")]
     pub upstream_client_key: Option<String>,
+    /// Per-token rate limit for client/backend tokens, RATE[:BURST] per token [default: off]
+    #[arg(long, env = "FLAGGATE_RATE_LIMIT_CLIENT", value_name = "RATE[:BURST]")]
+    pub rate_limit_client: Option<String>,
+    /// Per-token rate limit for frontend tokens, e.g. 50:100 [default: off]
+    #[arg(long, env = "FLAGGATE_RATE_LIMIT_FRONTEND", value_name = "RATE[:BURST]")]
+    pub rate_limit_frontend: Option<String>,
+    /// Per-token rate limit for admin tokens [default: off]
+    #[arg(long, env = "FLAGGATE_RATE_LIMIT_ADMIN", value_name = "RATE[:BURST]")]
+    pub rate_limit_admin: Option<String>,
+    /// Per-token rate limit for personal access tokens [default: off]
+    #[arg(long, env = "FLAGGATE_RATE_LIMIT_PAT", value_name = "RATE[:BURST]")]
+    pub rate_limit_pat: Option<String>,
     /// Most PAT checks per second sent to Unleash (Unleash-sync mode) [default: 10]
     #[arg(long, env = "FLAGGATE_PAT_RATE_LIMIT", value_name = "N")]
     pub pat_rate_limit: Option<String>,
@@ -378,6 +390,54 @@ impl Settings {
                 Some("60s"),
                 parse_duration,
             )?),
+            rate_limits: {
+                use crate::ratelimit::Rate;
+                use crate::token::TokenKind;
+                let mut limits = crate::ratelimit::RateLimits::default();
+                let kinds = [
+                    (
+                        TokenKind::Client,
+                        "rate_limit_client",
+                        &self.rate_limit_client,
+                        &file.rate_limit_client,
+                    ),
+                    (
+                        TokenKind::Frontend,
+                        "rate_limit_frontend",
+                        &self.rate_limit_frontend,
+                        &file.rate_limit_frontend,
+                    ),
+                    (
+                        TokenKind::Admin,
+                        "rate_limit_admin",
+                        &self.rate_limit_admin,
+                        &file.rate_limit_admin,
+                    ),
+                    (
+                        TokenKind::Pat,
+                        "rate_limit_pat",
+                        &self.rate_limit_pat,
+                        &file.rate_limit_pat,
+                    ),
+                ];
+                for (kind, key, cli, f) in kinds {
+                    if let Some(r) = l.pick(key, cli, f, None, Rate::parse)? {
+                        limits.per_kind.insert(kind, r);
+                    }
+                }
+                for (i, t) in file.rate_limit_tokens.iter().enumerate() {
+                    let rate = Rate::parse(&t.rate)
+                        .map_err(|r| ConfigError::new(l.file_origin(), format!("rate_limit_tokens[{i}].rate"), r))?;
+                    if t.name.is_empty() || limits.per_name.insert(t.name.clone(), rate).is_some() {
+                        return Err(ConfigError::new(
+                            l.file_origin(),
+                            format!("rate_limit_tokens[{i}].name"),
+                            "must be a non-empty token name, listed once",
+                        ));
+                    }
+                }
+                limits
+            },
             routes,
         };
         if cfg.listen == cfg.admin_listen && cfg.listen.port() != 0 {

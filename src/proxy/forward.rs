@@ -1,5 +1,6 @@
 //! The upstream side: one pooled client, the forwarded URI, and what upstream failures mean.
 
+use super::body::{BodyFault, DownstreamBody};
 use super::connector::CountingConnector;
 use crate::config::{Config, Upstream};
 use crate::error::Rejection;
@@ -7,15 +8,13 @@ use crate::path::CanonicalPath;
 use crate::tls::TlsError;
 use http::uri::PathAndQuery;
 use http::Uri;
-use http_body_util::Limited;
-use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::time::Duration;
 
-pub type UpstreamClient = Client<HttpsConnector<CountingConnector>, Limited<Incoming>>;
+pub type UpstreamClient = Client<HttpsConnector<CountingConnector>, DownstreamBody>;
 
 /// Keep-alive pool sized for SDK fan-in: many short requests to one host. `https://` upstreams are
 /// verified against the platform roots plus `--upstream-ca`; there is no "skip verification".
@@ -60,7 +59,13 @@ pub fn upstream_uri(up: &Upstream, path: &CanonicalPath<'_>, query: Option<&str>
 }
 
 /// Sorts a client error: connect timed out (504), could not connect (502), connection broke (502).
-pub fn classify(err: hyper_util::client::legacy::Error, body_limit: u64) -> Rejection {
+pub fn classify(err: hyper_util::client::legacy::Error, body_limit: u64, body_fault: Option<BodyFault>) -> Rejection {
+    // The client's own body broke the exchange: its fault, not the upstream's.
+    match body_fault {
+        Some(BodyFault::TooLarge) => return Rejection::BodyTooLarge(body_limit),
+        Some(BodyFault::Malformed) => return Rejection::MalformedBody,
+        None => {}
+    }
     let mut detail = err.to_string();
     let mut timed_out = false;
     let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&err);
@@ -70,9 +75,6 @@ pub fn classify(err: hyper_util::client::legacy::Error, body_limit: u64) -> Reje
         timed_out |= s
             .downcast_ref::<std::io::Error>()
             .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
-        if s.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-            return Rejection::BodyTooLarge(body_limit);
-        }
         src = s.source();
     }
     if timed_out {

@@ -28,6 +28,17 @@ pub const GATEWAY_SET: [HeaderName; 6] = [
     HeaderName::from_static("x-request-id"),
 ];
 
+/// Path-override headers some frameworks honour (IIS `X-Original-URL`/`X-Rewrite-URL`, proxies'
+/// `X-Forwarded-Uri`/`-Prefix`/`-Path`). The gateway authorizes the request line only, so none of them
+/// may reach an upstream that could route by them instead.
+pub const PATH_OVERRIDES: [HeaderName; 5] = [
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-forwarded-uri"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-path"),
+];
+
 /// Removes the fields named in `Connection` (RFC 9110 §7.6.1: "a proxy MUST parse the Connection
 /// header field … and remove any header field(s) … with the same name") and then the fixed hop-by-hop
 /// set. Names we must keep (`Authorization`, `Host` handled elsewhere) are only dropped if the client
@@ -53,7 +64,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Removes client copies of headers the gateway sets, including `_` spellings: some servers and
 /// frameworks fold `X_Forwarded_For` into `X-Forwarded-For`, so the variant would smuggle a value past us.
 pub fn strip_gateway_set(headers: &mut HeaderMap) {
-    for name in &GATEWAY_SET {
+    for name in GATEWAY_SET.iter().chain(&PATH_OVERRIDES) {
         headers.remove(name);
     }
     if headers.keys().any(|k| k.as_str().contains('_')) {
@@ -62,7 +73,9 @@ pub fn strip_gateway_set(headers: &mut HeaderMap) {
             .filter(|k| k.as_str().contains('_'))
             .filter(|k| {
                 let dashed = k.as_str().replace('_', "-");
-                GATEWAY_SET.iter().any(|g| g.as_str() == dashed) || dashed == "authorization" || dashed == "host"
+                GATEWAY_SET.iter().chain(&PATH_OVERRIDES).any(|g| g.as_str() == dashed)
+                    || dashed == "authorization"
+                    || dashed == "host"
             })
             .cloned()
             .collect();

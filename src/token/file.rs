@@ -27,7 +27,8 @@ pub enum TokenFileError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileDoc {
-    #[serde(default)]
+    /// Required: an empty list must be written as `tokens: []`, so a file caught half-written (empty)
+    /// is refused instead of revoking everything.
     tokens: Vec<FileEntry>,
 }
 
@@ -47,6 +48,12 @@ struct FileEntry {
 
 /// Parses a token file's text. `path` only names the file in errors.
 pub fn parse_token_file(path: &Path, text: &str) -> Result<TokenSet, TokenFileError> {
+    if text.trim().is_empty() {
+        return Err(TokenFileError::Parse {
+            path: path.to_owned(),
+            reason: "file is empty (caught mid-write?); write `tokens: []` to remove every token".into(),
+        });
+    }
     let doc: FileDoc = serde_yaml_ng::from_str(text).map_err(|e| TokenFileError::Parse {
         path: path.to_owned(),
         reason: e.to_string(),
@@ -240,6 +247,9 @@ tokens:
                 "tokens:\n  - {secret: a, type: client, colour: red}\n",
                 "unknown field `colour`",
             ),
+            ("", "file is empty"),
+            ("# nothing\n", "missing field `tokens`"),
+            ("other: 1\n", "unknown field `other`"),
         ];
         for (text, want) in cases {
             let err = parse_token_file(Path::new("/etc/t.yaml"), text)

@@ -28,6 +28,9 @@ impl TokenSpec {
 
 /// Renders a token file in the documented YAML format.
 pub fn token_yaml(tokens: &[TokenSpec]) -> String {
+    if tokens.is_empty() {
+        return "tokens: []\n".into();
+    }
     let mut s = String::from("tokens:\n");
     for t in tokens {
         s.push_str(&format!("  - secret: {:?}\n    type: {}\n", t.secret, t.kind));

@@ -89,13 +89,15 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn resolve(settings: &Settings) -> anyhow::Result<Config> {
+type LogGuard = tracing_appender::non_blocking::WorkerGuard;
+
+fn resolve(settings: &Settings) -> anyhow::Result<(Config, LogGuard)> {
     let (cfg, warnings) = settings.resolve()?;
-    flaggate::telemetry::init_logging(cfg.log_format, cfg.log_level.as_deref());
+    let guard = flaggate::telemetry::init_logging(cfg.log_format, cfg.log_level.as_deref());
     for w in warnings {
         tracing::warn!("{w}");
     }
-    Ok(cfg)
+    Ok((cfg, guard))
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -107,7 +109,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn run(settings: Settings) -> anyhow::Result<()> {
-    let cfg = resolve(&settings)?;
+    let (cfg, _log) = resolve(&settings)?;
     runtime()?.block_on(async move {
         let running = flaggate::app::start(cfg, Some(settings)).await?;
         spawn_sighup(running.reload_handle());
@@ -280,7 +282,7 @@ fn explain(token_arg: &str, settings: Settings) -> anyhow::Result<()> {
 
 fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let format = parse_log_format(&args.log_format).map_err(|e| anyhow::anyhow!("--log-format: {e}"))?;
-    flaggate::telemetry::init_logging(format, None);
+    let _log = flaggate::telemetry::init_logging(format, None);
     runtime()?.block_on(async move {
         // The sample flag server: loopback, ephemeral port, clearly not Unleash.
         let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")

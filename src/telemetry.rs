@@ -320,8 +320,17 @@ pub fn set_log_level(level: Option<&str>) {
 }
 
 /// Installs the global subscriber: filter from `level` or `RUST_LOG` (default `info`), json or pretty.
-pub fn init_logging(format: LogFormat, level: Option<&str>) {
-    init_logging_to(format, level, std::io::stderr);
+/// Lines are handed to a writer thread, so a slow stderr (a full pipe, a slow log shipper) never stalls
+/// a request; if it falls 64k lines behind, lines are dropped rather than requests delayed. Keep the
+/// returned guard alive: dropping it flushes what is queued.
+pub fn init_logging(format: LogFormat, level: Option<&str>) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(64 * 1024)
+        .thread_name("flaggate-log")
+        .finish(std::io::stderr());
+    init_logging_to(format, level, writer);
+    guard
 }
 
 /// Same, writing somewhere else (tests capture the access log this way).

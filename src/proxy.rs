@@ -221,8 +221,14 @@ pub async fn handle(
         .headers()
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    let stop = if streaming { ctx.stop } else { None };
-    Ok(resp.map(|b| LoggedBody::new(b, rec, ctx.activity, stop)))
+    let guards = match (streaming, ctx.stop) {
+        (true, Some(stop)) => Some(record::StreamGuards {
+            stop,
+            idle: gw.live.load().conn.idle_timeout,
+        }),
+        _ => None,
+    };
+    Ok(resp.map(|b| LoggedBody::new(b, rec, ctx.activity, guards)))
 }
 
 async fn run_phases(

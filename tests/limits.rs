@@ -187,3 +187,61 @@ async fn connections_beyond_the_cap_wait_for_a_slot_instead_of_crashing_anything
     assert_eq!(status, 200);
     assert!(waited >= Duration::from_millis(600));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_outlives_the_response_timeout_but_not_the_idle_timeout() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    let up = upstream()
+        .route("/api/client/streaming", |_| {
+            let (tx, body) = support::upstream::channel_body();
+            tokio::spawn(async move {
+                // Events for 1.2 s (longer than the response timeout), then silence.
+                for i in 0..6 {
+                    let _ = tx.send(Bytes::from(format!("data: {i}\n\n"))).await;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop(tx);
+            });
+            http::Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(body)
+                .unwrap()
+        })
+        .run()
+        .await;
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .settings(|s| {
+            s.upstream_timeout = Some("500ms".into());
+            s.idle_timeout = Some("1s".into());
+        })
+        .start()
+        .await;
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = http::Request::get(format!("http://{}/api/client/streaming", gw.addr))
+        .header("authorization", CLIENT)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let started = Instant::now();
+    let mut body = client.request(req).await.unwrap().into_body();
+    let mut events = 0;
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(f) = body.frame().await {
+            if f.map(|f| f.is_data()).unwrap_or(false) {
+                events += 1;
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "a silent stream was never ended");
+    assert_eq!(events, 6, "all events before the silence arrived");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_millis(3500),
+        "ended after {took:?}"
+    );
+}

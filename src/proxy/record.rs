@@ -66,6 +66,14 @@ pub struct LoggedBody {
     activity: Option<Arc<Activity>>,
     /// Event streams only: resolves at shutdown, when the stream is ended cleanly.
     stop: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
+    /// Event streams only: a stream on which nothing arrives for this long is ended (clients reconnect).
+    idle: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
+}
+
+/// What a streaming (SSE) response gets instead of the response timeout.
+pub struct StreamGuards {
+    pub stop: tokio::sync::watch::Receiver<bool>,
+    pub idle: Duration,
 }
 
 impl LoggedBody {
@@ -73,8 +81,12 @@ impl LoggedBody {
         inner: ProxyBody,
         record: Record,
         activity: Option<Arc<Activity>>,
-        stop: Option<tokio::sync::watch::Receiver<bool>>,
+        stream: Option<StreamGuards>,
     ) -> LoggedBody {
+        let (stop, idle) = match stream {
+            Some(g) => (Some(g.stop), Some((g.idle, Box::pin(tokio::time::sleep(g.idle))))),
+            None => (None, None),
+        };
         LoggedBody {
             inner,
             bytes: 0,
@@ -84,6 +96,7 @@ impl LoggedBody {
                 Box::pin(async move { super::server::stopped(&mut rx).await })
                     as Pin<Box<dyn Future<Output = ()> + Send + Sync>>
             }),
+            idle,
         }
     }
 
@@ -110,6 +123,13 @@ impl Body for LoggedBody {
                 return Poll::Ready(None);
             }
         }
+        if let Some((_, timer)) = &mut this.idle {
+            if timer.as_mut().poll(cx).is_ready() {
+                tracing::debug!("event stream idle for too long: ending it");
+                this.finish(false);
+                return Poll::Ready(None);
+            }
+        }
         let polled = match &mut this.inner {
             http_body_util::Either::Left(b) => Pin::new(b).poll_frame(cx),
             http_body_util::Either::Right(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
@@ -118,6 +138,9 @@ impl Body for LoggedBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.bytes += d.len() as u64;
+                }
+                if let Some((idle, timer)) = &mut this.idle {
+                    timer.as_mut().reset(tokio::time::Instant::now() + *idle);
                 }
             }
             Poll::Ready(None) => this.finish(true),

@@ -229,17 +229,16 @@ fn explain(token_arg: &str, settings: Settings) -> anyhow::Result<()> {
     }
     println!("note:        the label is informational; Unleash and flaggate authorize by the whole token");
     // Without a config we can still say what the label suggests; with one we say what the store says.
-    let entry = match settings.resolve() {
-        Ok((cfg, _)) => match &cfg.token_file {
-            Some(p) => token::file::load_token_file(p)?.get(&digest).cloned(),
-            None => None,
-        },
-        Err(_) if settings.config.is_none() && settings.token_file.is_none() => None,
+    let (entry, policy) = match settings.resolve() {
+        Ok((cfg, _)) => {
+            let entry = match &cfg.token_file {
+                Some(p) => token::file::load_token_file(p)?.get(&digest).cloned(),
+                None => None,
+            };
+            (entry, Policy::new(cfg.routes))
+        }
+        Err(_) if settings.config.is_none() && settings.token_file.is_none() => (None, Policy::default()),
         Err(e) => return Err(e.into()),
-    };
-    let policy = match settings.resolve() {
-        Ok((cfg, _)) => Policy::new(cfg.routes),
-        Err(_) => Policy::default(),
     };
     let kind = match &entry {
         Some(info) => {

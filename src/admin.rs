@@ -5,6 +5,7 @@ use crate::error::json_response;
 use crate::telemetry::Metrics;
 use crate::token::store::TokenStore;
 use crate::token::unleash::SyncStatus;
+use crate::token::TokenSource;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -20,11 +21,17 @@ pub struct AdminState {
     pub draining: AtomicBool,
     /// Present in Unleash-sync mode.
     pub sync: Option<Arc<SyncStatus>>,
+    /// Every source that must have delivered a set before the instance is ready.
+    pub required: Vec<TokenSource>,
 }
 
 impl AdminState {
+    fn missing_source(&self) -> Option<TokenSource> {
+        self.required.iter().copied().find(|s| !self.store.is_source_loaded(*s))
+    }
+
     fn is_ready(&self) -> bool {
-        !self.draining.load(Ordering::Acquire) && self.store.is_loaded()
+        !self.draining.load(Ordering::Acquire) && self.missing_source().is_none() && self.store.is_loaded()
     }
 
     fn sync_age(&self) -> Option<f64> {
@@ -69,6 +76,12 @@ fn ready(state: &AdminState) -> Response<Full<Bytes>> {
         return json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({"ready": false, "reason": "no token set loaded yet"}),
+        );
+    }
+    if let Some(source) = state.missing_source() {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"ready": false, "reason": format!("waiting for the {} token set", source.as_str())}),
         );
     }
     json_response(

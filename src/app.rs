@@ -146,6 +146,13 @@ pub async fn start(cfg: Config, settings: Option<Settings>) -> Result<Running, S
         metrics: metrics.clone(),
         draining: Default::default(),
         sync: sync_status,
+        required: [
+            cfg.token_file.as_ref().map(|_| TokenSource::File),
+            cfg.upstream_token.as_ref().map(|_| TokenSource::Unleash),
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
     });
     let opts = ServeOpts {
         max_connections: cfg.max_connections,

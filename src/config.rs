@@ -116,36 +116,67 @@ pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:4242";
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FileSettings {
+    #[serde(default, deserialize_with = "scalar")]
     pub listen: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub admin_listen: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub upstream: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub token_file: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub upstream_token: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub sync_interval: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub state_dir: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub log_format: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub log_level: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub upstream_connect_timeout: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub upstream_timeout: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub header_read_timeout: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub idle_timeout: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub max_connections: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub max_header_bytes: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub max_request_body: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub h2_max_streams: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub shutdown_grace: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub tls_cert: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub tls_key: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub tls_client_ca: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub upstream_ca: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub upstream_client_cert: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub upstream_client_key: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub pat_rate_limit: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub pat_negative_cache_size: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub pat_negative_ttl: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub rate_limit_client: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub rate_limit_frontend: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub rate_limit_admin: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub rate_limit_pat: Option<String>,
     #[serde(default)]
     pub rate_limit_tokens: Vec<FileTokenRate>,
@@ -171,6 +202,25 @@ pub(crate) struct FileRule {
     #[serde(default)]
     pub preflight: bool,
     pub denial: Option<String>,
+}
+
+/// TOML values may be written as strings or bare numbers/booleans (`max_connections = 10000`); all are
+/// read as text and parsed by the key's own parser, so every origin reports errors the same way.
+fn scalar<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Str(String),
+        Int(i64),
+        Float(f64),
+        Bool(bool),
+    }
+    Ok(Option::<Scalar>::deserialize(d)?.map(|v| match v {
+        Scalar::Str(s) => s,
+        Scalar::Int(i) => i.to_string(),
+        Scalar::Float(f) => f.to_string(),
+        Scalar::Bool(b) => b.to_string(),
+    }))
 }
 
 pub(crate) fn parse_addr(s: &str) -> Result<SocketAddr, String> {

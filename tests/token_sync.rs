@@ -350,3 +350,27 @@ async fn a_rejected_upstream_token_is_a_distinct_error_and_never_ready() {
     );
     assert!(!metrics.contains("wrong-token"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_file_too_readiness_still_waits_for_the_unleash_set() {
+    let u = mock_unleash().await;
+    u.state.add(CLIENT, "client", None);
+    u.state.failure.store(503, Ordering::SeqCst);
+    let gw = gateway()
+        .upstream(u.url())
+        .unleash_sync("200ms")
+        .token(FRONTEND, "frontend")
+        .start()
+        .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = get(gw.admin, "/ready", None).await;
+    assert_eq!(
+        r.status, 503,
+        "ready on the file alone while the Unleash list is missing"
+    );
+    assert_eq!(r.json()["reason"], "waiting for the unleash token set");
+    u.state.failure.store(0, Ordering::SeqCst);
+    assert!(within(Duration::from_secs(5), || ready(gw.admin)).await.is_some());
+    assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 200);
+    assert_eq!(get(gw.addr, "/api/frontend", Some(FRONTEND)).await.status, 200);
+}

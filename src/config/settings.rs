@@ -510,6 +510,19 @@ mod tests {
     }
 
     #[test]
+    fn numbers_in_the_file_are_accepted_where_a_count_or_size_is_expected() {
+        let (_d, s) =
+            with_file("token_file = \"t\"\nmax_connections = 500\nmax_request_body = 1048576\npat_rate_limit = 3\n");
+        let (cfg, _) = s.resolve().unwrap();
+        assert_eq!(
+            (cfg.max_connections, cfg.max_request_body, cfg.pat_rate_limit),
+            (500, 1 << 20, 3)
+        );
+        let (_d, s) = with_file("token_file = \"t\"\nmax_connections = -1\n");
+        assert!(s.resolve().unwrap_err().to_string().contains("`max_connections`"));
+    }
+
+    #[test]
     fn upstream_token_is_redacted() {
         let s = Settings {
             upstream_token: Some("*:*.topsecret".into()),

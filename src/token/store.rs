@@ -8,7 +8,7 @@
 use super::{Digest, TokenInfo, TokenKind, TokenSource};
 use moka::sync::Cache;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 pub type TokenSet = HashMap<Digest, Arc<TokenInfo>>;
@@ -16,7 +16,8 @@ pub type TokenSet = HashMap<Digest, Arc<TokenInfo>>;
 pub struct TokenStore {
     cache: Cache<Digest, Arc<TokenInfo>>,
     writer: Mutex<Writer>,
-    loaded: AtomicBool,
+    /// One bit per [`TokenSource`] that has delivered a set.
+    loaded: AtomicU8,
 }
 
 #[derive(Default)]
@@ -47,7 +48,7 @@ impl TokenStore {
         TokenStore {
             cache: Cache::builder().name("tokens").build(),
             writer: Mutex::new(Writer::default()),
-            loaded: AtomicBool::new(false),
+            loaded: AtomicU8::new(0),
         }
     }
 
@@ -58,7 +59,13 @@ impl TokenStore {
 
     /// True once any source delivered a set (possibly empty): from then on "unknown" means unknown.
     pub fn is_loaded(&self) -> bool {
-        self.loaded.load(Ordering::Acquire)
+        self.loaded.load(Ordering::Acquire) != 0
+    }
+
+    /// True once `source` delivered a set: readiness waits for every configured source, so a token file
+    /// does not make an instance "ready" while the Unleash list it also depends on is still missing.
+    pub fn is_source_loaded(&self, source: TokenSource) -> bool {
+        self.loaded.load(Ordering::Acquire) & (1 << source as u8) != 0
     }
 
     /// Effective token count per kind and source (shadowed entries are not counted).
@@ -89,7 +96,7 @@ impl TokenStore {
             self.refresh(&mut w, digest);
         }
         w.counts = count_effective(&w.sets);
-        self.loaded.store(true, Ordering::Release);
+        self.loaded.fetch_or(1 << source as u8, Ordering::AcqRel);
         stats
     }
 

@@ -94,12 +94,20 @@ pub struct UnleashMode {
 impl UnleashMode {
     /// A PAT is asked about (rate-capped, coalesced, negatively cached); any other unknown token may pull
     /// the next token sync forward (debounced) and is then looked up once more.
-    async fn resolve_miss(&self, store: &TokenStore, token: &str, digest: Digest) -> Option<Arc<TokenInfo>> {
+    async fn resolve_miss(
+        &self,
+        store: &TokenStore,
+        token: &str,
+        digest: Digest,
+    ) -> Result<Option<Arc<TokenInfo>>, Rejection> {
         if token.starts_with("user:") {
-            self.pat.check(token, digest).await
+            // A PAT Unleash cannot be asked about is not "unknown": say the flag server is unreachable.
+            self.pat.check(token, digest).await.map_err(|_| {
+                Rejection::UpstreamConnect("personal access token could not be validated: Unleash unavailable".into())
+            })
         } else {
             self.sync.on_miss().await;
-            store.lookup(&digest)
+            Ok(store.lookup(&digest))
         }
     }
 }
@@ -129,6 +137,8 @@ impl Gateway {
 /// What the phases learn about a request, for the record phase.
 struct Outcome {
     route_class: Arc<str>,
+    /// The route serves browsers (token-less preflight allowed): denials must be readable cross-origin.
+    browser_route: bool,
     token: Option<(Fingerprint, Option<TokenKind>)>,
     upstream_time: Option<Duration>,
     path: Option<String>,
@@ -166,6 +176,7 @@ pub async fn handle(
         .and_then(|v| v.to_str().ok())
         .map(|s| s.chars().take(64).collect::<String>());
     let mut out = Outcome {
+        browser_route: false,
         route_class: Arc::from("none"),
         token: None,
         upstream_time: None,
@@ -174,7 +185,13 @@ pub async fn handle(
     let result = run_phases(&gw, req, &ctx, request_id.clone(), &mut out).await;
     let (mut resp, decision, rejection) = match result {
         Ok(resp) => (resp, Decision::Allowed, None),
-        Err(rej) => (rej.into_response().map(Either::Right), rej.decision(), Some(rej)),
+        Err(rej) => {
+            let mut r = rej.into_response();
+            if out.browser_route {
+                headers::allow_cross_origin_read(r.headers_mut());
+            }
+            (r.map(Either::Right), rej.decision(), Some(rej))
+        }
     };
     resp.headers_mut().insert(REQUEST_ID, request_id.clone());
 
@@ -258,6 +275,7 @@ async fn run_phases(
     let live = gw.live.load();
     let rule = live.policy.route(&path);
     out.route_class = rule.name.clone();
+    out.browser_route = rule.preflight;
 
     // 2. authenticate
     let token = extract(&parts.headers).map_err(Rejection::BadAuthorization)?;
@@ -270,7 +288,8 @@ async fn run_phases(
         let result = if entry.is_some() { "hit" } else { "miss" };
         gw.metrics.token_cache_lookups.with_label_values(&[result]).inc();
         if let (None, Some(unleash)) = (&entry, &gw.unleash) {
-            entry = unleash.resolve_miss(&gw.store, t, digest).await;
+            out.token = Some((digest.fingerprint(), None));
+            entry = unleash.resolve_miss(&gw.store, t, digest).await?;
         }
         out.token = Some((digest.fingerprint(), entry.as_ref().map(|e| e.kind)));
     }

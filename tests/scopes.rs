@@ -280,3 +280,30 @@ allow = ["admin"]
     );
     assert_eq!(up.count(), 3);
 }
+
+#[tokio::test]
+async fn denials_on_browser_routes_are_readable_cross_origin_and_elsewhere_not() {
+    let up = upstream().route("*", |_| ok_json("{}")).run().await;
+    let gw = gateway().upstream(up.url()).token(CLIENT, "client").start().await;
+    let with_origin = |path: &str, token: Option<&str>| {
+        let mut b = Request::get(gw.url(path)).header("origin", "http://app.example");
+        if let Some(t) = token {
+            b = b.header("authorization", t);
+        }
+        b.body(Full::new(Bytes::new())).unwrap()
+    };
+    for (token, status) in [(Some(CLIENT), 403), (Some(UNKNOWN), 401), (None, 401)] {
+        let r = send(with_origin("/api/frontend", token)).await;
+        assert_eq!(r.status, status);
+        assert_eq!(r.headers["access-control-allow-origin"], "*", "{token:?}");
+        assert_eq!(r.headers["access-control-expose-headers"], "ETag");
+        assert!(r.headers.get_all("vary").iter().any(|v| v == "Origin"));
+    }
+    let r = send(with_origin("/api/admin/projects", Some(CLIENT))).await;
+    assert_eq!(r.status, 403);
+    assert!(
+        r.headers.get("access-control-allow-origin").is_none(),
+        "admin denials stay same-origin"
+    );
+    assert_eq!(up.count(), 0);
+}

@@ -374,3 +374,21 @@ async fn with_a_token_file_too_readiness_still_waits_for_the_unleash_set() {
     assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 200);
     assert_eq!(get(gw.addr, "/api/frontend", Some(FRONTEND)).await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pat_that_cannot_be_checked_during_an_outage_is_a_502_not_a_401() {
+    let u = mock_unleash().await;
+    let pat = "user:0000000000000000000000000000000000000000000000000000feed";
+    u.state.pats.lock().unwrap().insert(pat.to_string());
+    let gw = gateway().upstream(u.url()).unleash_sync("60s").start().await;
+    u.state.failure.store(503, Ordering::SeqCst);
+    let r = get(gw.addr, "/api/admin/projects", Some(pat)).await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["code"], "upstream_unreachable");
+    u.state.failure.store(0, Ordering::SeqCst);
+    assert_eq!(
+        get(gw.addr, "/api/admin/projects", Some(pat)).await.status,
+        200,
+        "not cached as invalid"
+    );
+}

@@ -15,6 +15,7 @@ DURATION=${DURATION:-8s}
 CONNECTIONS=${CONNECTIONS:-64}
 THREADS=${THREADS:-2}
 WORK=$(mktemp -d /tmp/flaggate-load.XXXXXX)
+chmod 755 "$WORK" # nginx workers run as an unprivileged user and must read the static file
 STATIC_PORT=18080 NGINX_PORT=18081 FG_PORT=18082 FG_ADMIN=18083
 TOKEN='*:development.66ef8778ad0df979785e382aca6edd2ca06181d44add8325306afe17'
 pids=()
@@ -49,6 +50,7 @@ error_log $WORK/logs/error.log warn;
 events { worker_connections 4096; }
 http {
   access_log off;
+  map_hash_bucket_size 128;
   default_type application/json;
   sendfile on; tcp_nopush on; tcp_nodelay on;
   keepalive_requests 100000;
@@ -74,9 +76,13 @@ http {
   }
 }
 EOF
-"$NGINX" -c "$WORK/nginx.conf" -p "$WORK" 2>/dev/null
+"$NGINX" -c "$WORK/nginx.conf" -p "$WORK" -e "$WORK/logs/error.log" || { cat "$WORK/logs/error.log"; exit 1; }
 sleep 0.5
-nginx_pids() { pgrep -f "nginx.*$WORK" | tr '\n' ' '; }
+nginx_pids() { # master and workers
+  local master
+  master=$(cat "$WORK/nginx.pid")
+  echo "$master $(pgrep -P "$master" | tr '\n' ' ')"
+}
 
 # --- flaggate with a token file of N tokens (the benchmark token among them).
 write_tokens() {
@@ -139,7 +145,8 @@ run() {
 
 start_flaggate 1000
 echo "== sanity"
-curl -fs -o /dev/null -H "Authorization: $TOKEN" "http://127.0.0.1:$FG_PORT/api/client/features"
+curl -s -o /dev/null -w "flaggate, valid token: %{http_code}\n" -H "Authorization: $TOKEN" "http://127.0.0.1:$FG_PORT/api/client/features"
+curl -s -o /dev/null -w "static upstream: %{http_code}\n" "http://127.0.0.1:$STATIC_PORT/api/client/features"
 curl -s -o /dev/null -w 'flaggate, upper-cased token: %{http_code}\n' -H "Authorization: ${TOKEN^^}" "http://127.0.0.1:$FG_PORT/api/client/features"
 curl -s -o /dev/null -w 'nginx map,  upper-cased token: %{http_code}\n' -H "Authorization: ${TOKEN^^}" "http://127.0.0.1:$NGINX_PORT/api/client/features"
 

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 
 const IDLE: u64 = 0;
 const READING_HEAD: u64 = 1;
@@ -19,7 +18,6 @@ pub struct Activity {
     state: AtomicU64,
     inflight: AtomicU32,
     epoch: Instant,
-    pub changed: Notify,
 }
 
 /// What the watchdog should do now.
@@ -45,7 +43,6 @@ impl Activity {
             state: AtomicU64::new(IDLE << 62),
             inflight: AtomicU32::new(0),
             epoch: Instant::now(),
-            changed: Notify::new(),
         }
     }
 
@@ -60,18 +57,14 @@ impl Activity {
     /// Bytes arrived: an idle connection starts reading a request head.
     pub fn on_read(&self) {
         let cur = self.state.load(Ordering::Relaxed);
-        if cur >> 62 == IDLE
-            && self
-                .state
-                .compare_exchange(
-                    cur,
-                    Self::pack(READING_HEAD, self.now_ms()),
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                )
-                .is_ok()
-        {
-            self.changed.notify_one();
+        if cur >> 62 == IDLE {
+            // Lost race = a request began meanwhile, which is the more advanced phase: nothing to do.
+            let _ = self.state.compare_exchange(
+                cur,
+                Self::pack(READING_HEAD, self.now_ms()),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -85,7 +78,6 @@ impl Activity {
     pub fn end(&self) {
         if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.state.store(Self::pack(IDLE, self.now_ms()), Ordering::Release);
-            self.changed.notify_one();
         }
     }
 

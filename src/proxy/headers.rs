@@ -85,6 +85,15 @@ pub fn strip_gateway_set(headers: &mut HeaderMap) {
     }
 }
 
+/// Lets a browser page on another origin read one of *our* denials on a browser-facing route, as Unleash's
+/// own denials there allow (Fetch standard, CORS protocol): without it the frontend SDK sees an opaque
+/// "Failed to fetch" instead of the 401/403 it knows how to handle. Denials carry no data worth hiding.
+pub fn allow_cross_origin_read(headers: &mut HeaderMap) {
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("ETag"));
+    headers.append(header::VARY, HeaderValue::from_static("Origin"));
+}
+
 /// Sets the de-facto forwarding headers from what the gateway itself observed.
 pub fn set_forwarded(headers: &mut HeaderMap, client_ip: IpAddr, proto: &'static str, host: Option<HeaderValue>) {
     if let Ok(v) = HeaderValue::from_str(&client_ip.to_string()) {

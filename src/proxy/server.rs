@@ -160,26 +160,13 @@ async fn serve_conn<S>(
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
     let mut draining = false;
+    // The watchdog samples the phase on a tick instead of being woken by every request: per-request
+    // wakeups and timer registrations cost more than the timeouts' precision is worth.
+    let tick = (limits.header_read_timeout.min(limits.idle_timeout) / 4)
+        .clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let expiry = activity.check(limits.header_read_timeout, limits.idle_timeout);
-        let deadline = match expiry {
-            Expiry::At(t) => Some(tokio::time::Instant::from_std(t)),
-            Expiry::Busy => None,
-            Expiry::HeaderTimeout => {
-                tracing::debug!(%peer, "request head not received in time: closing (slow client)");
-                return;
-            }
-            Expiry::IdleTimeout => {
-                tracing::trace!(%peer, "idle keep-alive connection closed");
-                return;
-            }
-        };
-        let sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
@@ -187,8 +174,17 @@ async fn serve_conn<S>(
                 }
                 return;
             }
-            _ = sleep => {}
-            _ = activity.changed.notified() => {}
+            _ = ticker.tick() => match activity.check(limits.header_read_timeout, limits.idle_timeout) {
+                Expiry::HeaderTimeout => {
+                    tracing::debug!(%peer, "request head not received in time: closing (slow client)");
+                    return;
+                }
+                Expiry::IdleTimeout => {
+                    tracing::trace!(%peer, "idle keep-alive connection closed");
+                    return;
+                }
+                Expiry::At(_) | Expiry::Busy => {}
+            },
             _ = stopped(&mut stop), if !draining => {
                 draining = true;
                 conn.as_mut().graceful_shutdown();

@@ -23,6 +23,10 @@ pub struct PatLimits {
     pub rate_per_sec: u32,
 }
 
+/// Unleash could not be asked about a PAT (down, timing out, answering 5xx).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unavailable;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Miss {
     Invalid,
@@ -65,25 +69,29 @@ impl PatValidator {
         })
     }
 
-    /// The store entry for a PAT, asking Unleash if needed. `None` means "deny as unknown".
-    pub async fn check(&self, token: &str, digest: Digest) -> Option<Arc<TokenInfo>> {
+    /// The store entry for a PAT, asking Unleash if needed. `Ok(None)` means "deny as unknown";
+    /// `Err(Unavailable)` that Unleash could not be asked, so the PAT is neither known good nor bad.
+    pub async fn check(&self, token: &str, digest: Digest) -> Result<Option<Arc<TokenInfo>>, Unavailable> {
         if self.negative.contains_key(&digest) {
             self.count("cached_invalid");
-            return None;
+            return Ok(None);
         }
         if let Some(hit) = self.positive.get(&digest).await {
-            return Some(hit);
+            return Ok(Some(hit));
         }
         // Concurrent misses for the same PAT share this one future (moka's get-with coalescing).
         let result = self.positive.try_get_with(digest, self.validate(token, digest)).await;
         match result {
-            Ok(info) => Some(info),
-            Err(e) => {
-                if *e == Miss::Invalid {
+            Ok(info) => Ok(Some(info)),
+            Err(e) => match *e {
+                Miss::Invalid => {
                     self.negative.insert(digest, ());
+                    Ok(None)
                 }
-                None
-            }
+                // Over the check budget: treated as unknown, so a flood of junk PATs stays a 401.
+                Miss::RateLimited => Ok(None),
+                Miss::Upstream => Err(Unavailable),
+            },
         }
     }
 

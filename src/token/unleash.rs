@@ -138,6 +138,8 @@ pub struct SyncStatus {
     pub last_success_ms: AtomicI64,
     /// Completed sync attempts; waiters use it to know "a sync finished after I asked".
     pub attempts: AtomicU64,
+    /// The last attempt failed: misses must not wait for a re-sync that backoff will not start.
+    pub failing: AtomicBool,
 }
 
 impl SyncStatus {
@@ -219,6 +221,9 @@ impl UnleashSync {
     /// Called on an unknown token. Pulls the next sync forward unless one was pulled forward within the
     /// last second, and then waits (bounded) for it; otherwise returns at once so junk costs nothing.
     pub async fn on_miss(&self) {
+        if self.status.failing.load(Ordering::Acquire) {
+            return;
+        }
         let now = self.started.elapsed().as_millis() as i64;
         let last = self.last_early.load(Ordering::Relaxed);
         if now - last < EARLY_SYNC_DEBOUNCE.as_millis() as i64 {
@@ -357,6 +362,7 @@ impl UnleashSync {
                 }
             };
             first = false;
+            self.status.failing.store(failing.is_some(), Ordering::Release);
             self.status.attempts.fetch_add(1, Ordering::AcqRel);
             self.done.send_modify(|g| *g += 1);
             let wake = async {

@@ -102,6 +102,10 @@ pub async fn mock_unleash() -> MockUnleash {
             resp
         })
         .route("/api/admin/user", move |r| {
+            let failure = s2.failure.load(Ordering::SeqCst);
+            if failure >= 500 {
+                return json(StatusCode::from_u16(failure).unwrap(), r#"{"message":"down"}"#);
+            }
             let ok = r
                 .header("authorization")
                 .is_some_and(|a| s2.pats.lock().unwrap().contains(a));

@@ -12,7 +12,6 @@ use crate::token::pat::{PatLimits, PatValidator};
 use crate::token::store::TokenStore;
 use crate::token::unleash::{control_client, UnleashSync};
 use crate::token::TokenSource;
-use notify::{RecursiveMode, Watcher};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -175,19 +174,13 @@ pub async fn start(cfg: Config, settings: Option<Settings>) -> Result<Running, S
 
     // Reloads: asked for by SIGHUP (main) or by a change of the config file.
     let (reload, reload_rx) = mpsc::channel::<()>(1);
+    let (file_changed, file_rx) = mpsc::channel::<()>(1);
     if let (Some(_), Some(file)) = (&settings, &cfg.config_file) {
-        let dir = file
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(std::path::Path::new("."));
-        let tx = reload.clone();
-        let w = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-            let _ = tx.try_send(());
-        })
-        .and_then(|mut w| w.watch(dir, RecursiveMode::NonRecursive).map(|_| w))
-        .map_err(|source| StartError::Watch {
-            path: file.display().to_string(),
-            source,
+        let w = crate::watch::watch_files(std::slice::from_ref(file), file_changed).map_err(|source| {
+            StartError::Watch {
+                path: file.display().to_string(),
+                source,
+            }
         })?;
         watchers.push(w);
     }
@@ -199,7 +192,7 @@ pub async fn start(cfg: Config, settings: Option<Settings>) -> Result<Running, S
         metrics,
         file_source: Mutex::new(file_source),
     };
-    tasks.push(tokio::spawn(reloader.run(reload_rx, stop_rx)));
+    tasks.push(tokio::spawn(reloader.run(reload_rx, file_rx, stop_rx)));
 
     tracing::info!(listen = %proxy_addr, admin_listen = %admin_addr, upstream = %gateway_upstream(&gateway), "flaggate started");
     Ok(Running {
@@ -230,15 +223,30 @@ struct Reloader {
 }
 
 impl Reloader {
-    async fn run(mut self, mut rx: mpsc::Receiver<()>, mut stop: watch::Receiver<bool>) {
+    /// `asked`: explicit reloads (SIGHUP), always done. `file`: config-file events, done only when the
+    /// file really changed, so a busy directory does not turn into a reload loop.
+    async fn run(
+        mut self,
+        mut asked: mpsc::Receiver<()>,
+        mut file: mpsc::Receiver<()>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let path = self.current.config_file.clone();
+        let mut seen = path.as_deref().and_then(crate::watch::stamp);
         loop {
-            tokio::select! {
-                r = rx.recv() => if r.is_none() { break },
+            let forced = tokio::select! {
+                r = asked.recv() => match r { Some(()) => true, None => break },
+                Some(()) = file.recv() => false,
                 _ = crate::proxy::server::stopped(&mut stop) => break,
-            }
+            };
             // Editors write, rename and chmod in a burst: reload once it settles.
             tokio::time::sleep(Duration::from_millis(150)).await;
-            while rx.try_recv().is_ok() {}
+            while asked.try_recv().is_ok() || file.try_recv().is_ok() {}
+            let now = path.as_deref().and_then(crate::watch::stamp);
+            if !forced && now == seen {
+                continue;
+            }
+            seen = now;
             self.reload();
         }
     }

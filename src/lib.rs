@@ -16,3 +16,4 @@ pub mod ratelimit;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod watch;

@@ -3,7 +3,6 @@
 //! old one serving and says why. Also the client side for `https://` upstreams.
 
 use arc_swap::ArcSwap;
-use notify::{RecursiveMode, Watcher};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
@@ -117,24 +116,12 @@ impl Acceptor {
     /// Watches the certificate files' directories and reloads on change. Keep the watcher alive.
     pub fn watch(&self, files: TlsFiles) -> notify::Result<notify::RecommendedWatcher> {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-        let mut watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-            let _ = tx.try_send(());
-        })?;
-        let mut dirs: Vec<PathBuf> = [Some(&files.cert), Some(&files.key), files.client_ca.as_ref()]
+        let paths: Vec<PathBuf> = [Some(&files.cert), Some(&files.key), files.client_ca.as_ref()]
             .into_iter()
             .flatten()
-            .map(|p| {
-                p.parent()
-                    .filter(|d| !d.as_os_str().is_empty())
-                    .unwrap_or(Path::new("."))
-                    .to_path_buf()
-            })
+            .cloned()
             .collect();
-        dirs.sort();
-        dirs.dedup();
-        for d in &dirs {
-            watcher.watch(d, RecursiveMode::NonRecursive)?;
-        }
+        let watcher = crate::watch::watch_files(&paths, tx)?;
         let me = self.clone();
         tokio::spawn(async move {
             let mut last = fingerprint(&files);

@@ -115,3 +115,39 @@ async fn an_explicit_reload_applies_limits_to_new_requests() {
     }
     assert!(applied, "new body limit not applied");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_config_directory_does_not_trigger_reloads() {
+    let up = upstream().route("*", |_| ok_json("{}")).run().await;
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .config("max_request_body = \"1MiB\"\n")
+        .start()
+        .await;
+    // A log file (or anything else) written next to the config file, again and again.
+    let noise = gw.dir.path().join("flaggate.log");
+    for i in 0..20 {
+        std::fs::write(&noise, format!("line {i}\n")).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Touching the config file without changing it is not a change either.
+    let config = gw.dir.path().join("flaggate.toml");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let m = get(gw.admin, "/metrics", None).await.text();
+    assert_eq!(
+        metric(&m, "flaggate_config_reloads_total{result=\"ok\"}"),
+        0.0,
+        "reloaded on unrelated events"
+    );
+    std::fs::write(&config, "max_request_body = \"2MiB\"\n").unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        let m = get(gw.admin, "/metrics", None).await.text();
+        if metric(&m, "flaggate_config_reloads_total{result=\"ok\"}") == 1.0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("a real change was not reloaded");
+}

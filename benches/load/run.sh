@@ -22,7 +22,7 @@ pids=()
 
 cleanup() {
   for p in "${pids[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
-  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  for c in static proxy; do [ -f "$WORK/$c.pid" ] && kill "$(cat "$WORK/$c.pid")" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -rf "$WORK"
 }
@@ -43,12 +43,7 @@ FG="$ROOT/target/release/flaggate"
 # --- nginx: one process (master + workers) serving both the static upstream and the token-map proxy.
 mkdir -p "$WORK/www/api/client" "$WORK/logs"
 cp benches/load/features.json "$WORK/www/api/client/features"
-cat > "$WORK/nginx.conf" <<EOF
-worker_processes auto;
-pid $WORK/nginx.pid;
-error_log $WORK/logs/error.log warn;
-events { worker_connections 4096; }
-http {
+common_http() { cat <<EOF
   access_log off;
   map_hash_bucket_size 128;
   default_type application/json;
@@ -56,13 +51,29 @@ http {
   keepalive_requests 100000;
   client_body_temp_path $WORK/tmp_body; proxy_temp_path $WORK/tmp_proxy;
   fastcgi_temp_path $WORK/tmp_fcgi; uwsgi_temp_path $WORK/tmp_uwsgi; scgi_temp_path $WORK/tmp_scgi;
-  # The static upstream: what Unleash's /api/client/features would return.
-  server {
-    listen 127.0.0.1:$STATIC_PORT;
-    location / { root $WORK/www; etag on; }
-  }
-  # The hand-rolled gateway an operator might write: a map of tokens and proxy_pass with keep-alive.
-  # (map compares case-insensitively: it accepts an upper-cased token — sloppier than flaggate.)
+EOF
+}
+# The static upstream: what Unleash's /api/client/features would return. Its own nginx instance, so the
+# proxies' CPU can be measured apart from it.
+cat > "$WORK/static.conf" <<EOF
+worker_processes auto;
+pid $WORK/static.pid;
+error_log $WORK/logs/static-error.log warn;
+events { worker_connections 4096; }
+http {
+$(common_http)
+  server { listen 127.0.0.1:$STATIC_PORT; location / { root $WORK/www; etag on; } }
+}
+EOF
+# The hand-rolled gateway an operator might write: a map of tokens and proxy_pass with keep-alive.
+# (map compares case-insensitively: it accepts an upper-cased token — sloppier than flaggate.)
+cat > "$WORK/proxy.conf" <<EOF
+worker_processes auto;
+pid $WORK/proxy.pid;
+error_log $WORK/logs/proxy-error.log warn;
+events { worker_connections 4096; }
+http {
+$(common_http)
   map \$http_authorization \$token_ok { default 0; "$TOKEN" 1; }
   upstream static { server 127.0.0.1:$STATIC_PORT; keepalive 128; }
   server {
@@ -76,11 +87,13 @@ http {
   }
 }
 EOF
-"$NGINX" -c "$WORK/nginx.conf" -p "$WORK" -e "$WORK/logs/error.log" || { cat "$WORK/logs/error.log"; exit 1; }
+for c in static proxy; do
+  "$NGINX" -c "$WORK/$c.conf" -p "$WORK" -e "$WORK/logs/$c-error.log" || { cat "$WORK/logs/$c-error.log"; exit 1; }
+done
 sleep 0.5
-nginx_pids() { # master and workers
+nginx_pids() { # master and workers of one instance
   local master
-  master=$(cat "$WORK/nginx.pid")
+  master=$(cat "$WORK/$1.pid")
   echo "$master $(pgrep -P "$master" | tr '\n' ' ')"
 }
 
@@ -152,8 +165,8 @@ curl -s -o /dev/null -w 'nginx map,  upper-cased token: %{http_code}\n' -H "Auth
 
 echo "== $ROUNDS rounds, alternating (wrk -t$THREADS -c$CONNECTIONS -d$DURATION), 1,000 tokens loaded"
 for r in $(seq 1 "$ROUNDS"); do
-  run "static nginx (direct)" $STATIC_PORT $(nginx_pids)
-  run "nginx token-map proxy" $NGINX_PORT $(nginx_pids)
+  run "static nginx (direct)" $STATIC_PORT $(nginx_pids static)
+  run "nginx token-map proxy" $NGINX_PORT $(nginx_pids proxy)
   run "flaggate" $FG_PORT "$fg_pid"
 done
 

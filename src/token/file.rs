@@ -3,7 +3,6 @@
 
 use super::store::{TokenSet, TokenStore};
 use super::{Digest, TokenInfo, TokenKind, TokenSource};
-use notify::{RecursiveMode, Watcher};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -146,26 +145,24 @@ pub fn watch_token_file(
     applied: Vec<u8>,
     on_result: Arc<dyn Fn(Result<(), &TokenFileError>) + Send + Sync>,
 ) -> notify::Result<notify::RecommendedWatcher> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let check = tx.clone();
-    let mut watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
-        // A full channel already means "reload pending"; dropping the extra event is correct.
-        let _ = tx.try_send(());
-    })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    let watcher = crate::watch::watch_files(std::slice::from_ref(&path), tx)?;
     // An edit between the initial load and this watch produced no event: look once now.
     let _ = check.try_send(());
     tokio::spawn(async move {
         let mut last_good = Some(applied);
+        // What the file looked like at the last look (`Some(None)`: it was missing).
+        let mut last_seen: Option<Option<crate::watch::Stamp>> = None;
         while rx.recv().await.is_some() {
             // Let a burst of events (write + rename + chmod) settle into one reload.
             tokio::time::sleep(Duration::from_millis(100)).await;
             while rx.try_recv().is_ok() {}
+            let now = crate::watch::stamp(&path);
+            if last_seen.as_ref() == Some(&now) {
+                continue;
+            }
+            last_seen = Some(now);
             let bytes = match std::fs::read(&path) {
                 Ok(b) => b,
                 Err(e) => {

@@ -96,6 +96,9 @@ impl TokenStore {
             self.refresh(&mut w, digest);
         }
         w.counts = count_effective(&w.sets);
+        // Do the cache's bookkeeping for this batch here, on the writer, instead of leaving it to be
+        // amortised over the next requests' lookups.
+        self.cache.run_pending_tasks();
         self.loaded.fetch_or(1 << source as u8, Ordering::AcqRel);
         stats
     }

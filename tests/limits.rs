@@ -245,3 +245,62 @@ async fn an_event_stream_outlives_the_response_timeout_but_not_the_idle_timeout(
         "ended after {took:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_streams_beyond_the_limit_wait_for_a_free_slot() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    // Each upstream answer takes 600 ms; with 2 streams allowed per connection, 4 requests on one
+    // HTTP/2 connection need two rounds.
+    let up = upstream()
+        .route("/api/client/features", |_| {
+            let (tx, body) = support::upstream::channel_body();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                let _ = tx.send(Bytes::from_static(b"{}")).await;
+            });
+            http::Response::builder().body(body).unwrap()
+        })
+        .run()
+        .await;
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .settings(|s| s.h2_max_streams = Some("2".into()))
+        .start()
+        .await;
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // Let the server's SETTINGS (with its stream limit) arrive before opening streams.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let mut send = send.clone();
+        let addr = gw.addr;
+        tasks.push(tokio::spawn(async move {
+            let req = http::Request::get(format!("http://{addr}/api/client/features"))
+                .header("authorization", CLIENT)
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            send.ready().await.unwrap();
+            let resp = send.send_request(req).await.unwrap();
+            let status = resp.status();
+            resp.into_body().collect().await.unwrap();
+            status.as_u16()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1150),
+        "4 streams ran at once despite a limit of 2 ({took:?})"
+    );
+    assert!(took < Duration::from_secs(3));
+}

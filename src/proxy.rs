@@ -51,6 +51,8 @@ pub struct Gateway {
     client: UpstreamClient,
     upstream: Upstream,
     unleash: Option<UnleashMode>,
+    /// Route class of requests refused before routing (`none`), shared instead of allocated each time.
+    unrouted: Arc<str>,
 }
 
 /// Settings a config reload may change without a restart. Connections read them when they start,
@@ -130,6 +132,7 @@ impl Gateway {
             store,
             metrics,
             upstream: cfg.upstream.clone(),
+            unrouted: Arc::from("none"),
         })
     }
 }
@@ -177,7 +180,7 @@ pub async fn handle(
         .map(|s| s.chars().take(64).collect::<String>());
     let mut out = Outcome {
         browser_route: false,
-        route_class: Arc::from("none"),
+        route_class: gw.unrouted.clone(),
         token: None,
         upstream_time: None,
         path: None,

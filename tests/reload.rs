@@ -20,11 +20,7 @@ async fn status_becomes(gw: &support::TestGateway, path: &str, token: &str, want
 }
 
 fn metric(scrape: &str, series: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
+    support::poll::sample(scrape, series).unwrap_or(f64::NAN)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -45,13 +45,8 @@ fn log_lines() -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// The value of one sample in a Prometheus text scrape (`name{labels}` exactly as rendered), 0 if absent.
 fn sample(scrape: &str, series: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .map(|v| v.trim().parse().unwrap())
-        .unwrap_or(0.0)
+    support::poll::sample(scrape, series).unwrap_or(0.0)
 }
 
 async fn request(addr: std::net::SocketAddr, path: &str, token: Option<&str>, id: &str) -> u16 {

@@ -4,27 +4,12 @@ mod support;
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use support::poll::within;
 use support::unleash::mock_unleash;
 use support::{gateway, get};
 
 const CLIENT: &str = "*:development.sync-client-0123456789abcdef";
 const FRONTEND: &str = "default:development.sync-frontend-0123456789abcdef";
-
-/// Polls `f` every 20 ms until it returns true or `limit` passes; returns the time it took.
-async fn within<F, Fut>(limit: Duration, mut f: F) -> Option<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    while start.elapsed() <= limit {
-        if f().await {
-            return Some(start.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    None
-}
 
 async fn ready(admin: std::net::SocketAddr) -> bool {
     get(admin, "/ready", None).await.status == 200

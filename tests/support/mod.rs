@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod gateway;
+pub mod poll;
 pub mod tls;
 pub mod unleash;
 pub mod upstream;

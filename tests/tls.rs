@@ -156,3 +156,54 @@ async fn https_upstream_is_verified_against_the_configured_ca() {
     assert_eq!(r.json()["code"], "upstream_unreachable");
     assert_eq!(mock.count(), before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_presents_its_client_certificate_to_an_mtls_upstream() {
+    let mock = upstream().route("*", |_| ok_json(r#"{"via":"mtls"}"#)).run().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server_ca = Ca::new("upstream CA");
+    let (cert, key) = server_ca.leaf("unleash").write(dir.path(), "upstream");
+    let client_ca = Ca::new("gateway client CA");
+    let client_ca_path = client_ca.write(dir.path(), "client-ca.pem");
+    let mtls_upstream = gateway()
+        .upstream(mock.url())
+        .token(CLIENT, "client")
+        .settings(|s| {
+            s.tls_cert = Some(cert.display().to_string());
+            s.tls_key = Some(key.display().to_string());
+            s.tls_client_ca = Some(client_ca_path.display().to_string());
+        })
+        .start()
+        .await;
+    let server_ca_path = server_ca.write(dir.path(), "server-ca.pem");
+    let url = format!("https://127.0.0.1:{}", mtls_upstream.addr.port());
+    let (gw_cert, gw_key) = client_ca.leaf("flaggate").write(dir.path(), "gateway-client");
+
+    let with_identity = gateway()
+        .upstream(url.clone())
+        .token(CLIENT, "client")
+        .settings(|s| {
+            s.upstream_ca = Some(server_ca_path.display().to_string());
+            s.upstream_client_cert = Some(gw_cert.display().to_string());
+            s.upstream_client_key = Some(gw_key.display().to_string());
+        })
+        .start()
+        .await;
+    let r = get(with_identity.addr, "/api/client/features", Some(CLIENT)).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, r#"{"via":"mtls"}"#));
+
+    let without = gateway()
+        .upstream(url)
+        .token(CLIENT, "client")
+        .settings(|s| s.upstream_ca = Some(server_ca_path.display().to_string()))
+        .start()
+        .await;
+    let r = get(without.addr, "/api/client/features", Some(CLIENT)).await;
+    assert_eq!(
+        r.status,
+        502,
+        "an upstream requiring a client certificate refused us: {}",
+        r.text()
+    );
+    assert_eq!(mock.count(), 1);
+}

@@ -194,7 +194,7 @@ pub async fn start(cfg: Config, settings: Option<Settings>) -> Result<Running, S
     };
     tasks.push(tokio::spawn(reloader.run(reload_rx, file_rx, stop_rx)));
 
-    tracing::info!(listen = %proxy_addr, admin_listen = %admin_addr, upstream = %gateway_upstream(&gateway), "flaggate started");
+    tracing::info!(listen = %proxy_addr, admin_listen = %admin_addr, upstream = %gateway.upstream(), "flaggate started");
     Ok(Running {
         proxy_addr,
         admin_addr,
@@ -207,10 +207,6 @@ pub async fn start(cfg: Config, settings: Option<Settings>) -> Result<Running, S
         tasks,
         _watchers: watchers,
     })
-}
-
-fn gateway_upstream(gw: &Gateway) -> String {
-    gw.upstream().to_string()
 }
 
 struct Reloader {

@@ -224,6 +224,18 @@ impl Rejection {
     }
 }
 
+/// An error and its sources, outermost first.
+pub fn sources<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e), |e| e.source())
+}
+
+/// `outer: cause: root cause`, for log lines (client bodies never carry it).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    sources(e).map(|s| s.to_string()).collect::<Vec<_>>().join(": ")
+}
+
 /// A small JSON response; `no-store` because denials must not be cached by anything in between.
 pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
     let bytes = Bytes::from(serde_json::to_vec(body).unwrap_or_default());

@@ -210,7 +210,9 @@ pub async fn handle(
             decision.as_str(),
         ])
         .inc();
-    m.duration_for(&out.route_class).observe(gateway_time.as_secs_f64());
+    m.request_duration
+        .with_label_values(&[&out.route_class])
+        .observe(gateway_time.as_secs_f64());
     if let Some(t) = out.upstream_time {
         m.upstream_duration
             .with_label_values(&[&out.route_class])

@@ -267,10 +267,6 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
-
-    pub fn duration_for(&self, route_class: &str) -> Histogram {
-        self.request_duration.with_label_values(&[route_class])
-    }
 }
 
 impl Default for Metrics {

@@ -66,17 +66,11 @@ pub fn classify(err: hyper_util::client::legacy::Error, body_limit: u64, body_fa
         Some(BodyFault::Malformed) => return Rejection::MalformedBody,
         None => {}
     }
-    let mut detail = err.to_string();
-    let mut timed_out = false;
-    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&err);
-    while let Some(s) = src {
-        detail.push_str(": ");
-        detail.push_str(&s.to_string());
-        timed_out |= s
-            .downcast_ref::<std::io::Error>()
-            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
-        src = s.source();
-    }
+    let detail = crate::error::error_chain(&err);
+    let timed_out = crate::error::sources(&err).any(|s| {
+        s.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+    });
     if timed_out {
         Rejection::UpstreamConnectTimeout(detail)
     } else if err.is_connect() {

@@ -17,7 +17,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use serde::Deserialize;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
@@ -136,8 +136,6 @@ pub fn parse_token_list(body: &[u8]) -> Result<(TokenSet, usize), SyncError> {
 pub struct SyncStatus {
     /// Unix milliseconds of the last successful sync (200 or 304), 0 if none.
     pub last_success_ms: AtomicI64,
-    /// Completed sync attempts; waiters use it to know "a sync finished after I asked".
-    pub attempts: AtomicU64,
     /// The last attempt failed: misses must not wait for a re-sync that backoff will not start.
     pub failing: AtomicBool,
 }
@@ -258,7 +256,7 @@ impl UnleashSync {
         let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.client.request(req))
             .await
             .map_err(|_| SyncError::Timeout)?
-            .map_err(|e| SyncError::Unreachable(error_chain(&e)))?;
+            .map_err(|e| SyncError::Unreachable(crate::error::error_chain(&e)))?;
         match resp.status() {
             StatusCode::NOT_MODIFIED => return Ok("unchanged"),
             StatusCode::OK => {}
@@ -363,7 +361,6 @@ impl UnleashSync {
             };
             first = false;
             self.status.failing.store(failing.is_some(), Ordering::Release);
-            self.status.attempts.fetch_add(1, Ordering::AcqRel);
             self.done.send_modify(|g| *g += 1);
             let wake = async {
                 // While failing, early re-syncs would only hammer a sick Unleash: wait out the backoff.
@@ -380,17 +377,6 @@ impl UnleashSync {
             }
         }
     }
-}
-
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -8,8 +8,10 @@
 # Installs when missing: postgresql + chromium (apt), unleash-server@7.5.1 + unleash-client +
 # unleash-proxy-client (npm, into tests/e2e/work/node), UnleashClient (pip, venv tests/e2e/work/venv).
 # Everything runs on 127.0.0.1; every process it starts is stopped by PID on exit, pass or fail.
-# Ports can be moved with E2E_PG_PORT, E2E_UNLEASH_PORT, E2E_GATEWAY_PORT, E2E_GATEWAY_ADMIN_PORT,
-# E2E_PAGE_PORT; E2E_FLAGGATE_BIN skips `cargo build` and uses that binary.
+# No fixed ports: PostgreSQL listens on a Unix socket only, and Unleash, flaggate and the page server
+# bind port 0; the script reads the port each one got (a fixed port can be taken by any outgoing
+# connection's ephemeral port, even one of Unleash's own to PostgreSQL). A restart during the outage
+# check reuses the port the process had. E2E_FLAGGATE_BIN skips `cargo build` and uses that binary.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -18,17 +20,11 @@ WORK=$HERE/work
 RUN=$WORK/run
 T0=$(date +%s)
 
-PG_PORT=${E2E_PG_PORT:-55432}
-UNLEASH_PORT=${E2E_UNLEASH_PORT:-54242}
-GW_PORT=${E2E_GATEWAY_PORT:-54243}
-GW_ADMIN_PORT=${E2E_GATEWAY_ADMIN_PORT:-59243}
-PAGE_PORT=${E2E_PAGE_PORT:-58080}
 SYNC_INTERVAL_S=1
 
-UNLEASH=http://127.0.0.1:$UNLEASH_PORT
-GATEWAY=http://127.0.0.1:$GW_PORT
-GATEWAY_ADMIN=http://127.0.0.1:$GW_ADMIN_PORT
-PAGE=http://127.0.0.1:$PAGE_PORT
+# Filled in from the port each server got (0 = let the kernel choose, on the first start).
+UNLEASH_PORT=0 GW_PORT=0 GW_ADMIN_PORT=0
+UNLEASH="" GATEWAY="" GATEWAY_ADMIN="" PAGE=""
 
 # Initial tokens (format project:environment.secret), applied by Unleash to its empty token table.
 ADMIN_TOKEN='*:*.e2e-admin-5f0c2a9d7b3e4c1a8d6f'
@@ -108,7 +104,19 @@ trap 'exit 143' TERM
 # ---------------------------------------------------------------------------------------------------
 # helpers
 
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_file_line() { # wait_file_line FILE REGEX SKIP SECONDS: print the first line after SKIP lines matching REGEX
+  local file=$1 re=$2 skip=$3 secs=$4 line deadline
+  deadline=$(($(date +%s) + secs))
+  while :; do
+    line=$(tail -n +"$((skip + 1))" "$file" 2>/dev/null | grep -m1 -E "$re" || true)
+    [ -n "$line" ] && {
+      echo "$line"
+      return 0
+    }
+    [ "$(date +%s)" -ge "$deadline" ] && return 1
+    sleep 0.1
+  done
+}
 
 wait_http() { # wait_http URL STATUS SECONDS
   local url=$1 want=$2 secs=$3 got deadline
@@ -128,22 +136,31 @@ wait_http() { # wait_http URL STATUS SECONDS
 close_check_fd() { if [ -n "${CHECK_FD:-}" ]; then eval "exec ${CHECK_FD}>&-"; fi; }
 
 start_unleash() {
+  local skip line
+  skip=$(wc -l <"$UNLEASH_LOG")
   (
     close_check_fd
     cd "$RUN"
     export E2E_NODE_DIR="$WORK/node" NODE_ENV=production \
-      DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/unleash" DATABASE_SSL=false \
-      HTTP_HOST=127.0.0.1 HTTP_PORT="$UNLEASH_PORT" CHECK_VERSION=false SEND_TELEMETRY=false LOG_LEVEL=info \
+      DATABASE_HOST="$PG_SOCKET_DIR" DATABASE_PORT=5432 DATABASE_USERNAME=postgres DATABASE_NAME=unleash \
+      DATABASE_SSL=false HTTP_HOST=127.0.0.1 HTTP_PORT="$UNLEASH_PORT" \
+      CHECK_VERSION=false SEND_TELEMETRY=false LOG_LEVEL=info \
       INIT_ADMIN_API_TOKENS="$ADMIN_TOKEN" INIT_BACKEND_API_TOKENS="$BACKEND_TOKEN" \
       INIT_CLIENT_API_TOKENS="$BACKEND_TOKEN" INIT_FRONTEND_API_TOKENS="$FRONTEND_TOKEN"
     exec node "$HERE/unleash.mjs"
   ) >>"$UNLEASH_LOG" 2>&1 &
   UNLEASH_PID=$!
-  wait_http "$UNLEASH/health" 200 90 || die "Unleash did not become healthy"
+  line=$(wait_file_line "$UNLEASH_LOG" '^e2e: unleash-server listening on ' "$skip" 90) ||
+    die "Unleash did not start listening within 90s"
+  UNLEASH_PORT=${line##*:}
+  UNLEASH=http://127.0.0.1:$UNLEASH_PORT
+  wait_http "$UNLEASH/health" 200 30 || die "Unleash did not become healthy"
 }
 
 start_flaggate() {
   # Only the flags below configure it: no FLAGGATE_* from the caller's environment.
+  local skip
+  skip=$(wc -l <"$FLAGGATE_LOG")
   (
     close_check_fd
     for v in $(compgen -e | grep '^FLAGGATE_' || true); do unset "$v"; done
@@ -153,6 +170,14 @@ start_flaggate() {
       --state-dir "$RUN/flaggate-state" --log-format json
   ) >>"$RUN/flaggate.stdout" 2>>"$FLAGGATE_LOG" &
   FLAGGATE_PID=$!
+  # Its start line names the addresses it bound: {"message":"flaggate started","listen":"127.0.0.1:N",...}
+  local line
+  line=$(wait_file_line "$FLAGGATE_LOG" '"message":"flaggate started"' "$skip" 30) ||
+    die "flaggate did not start within 30s"
+  GW_PORT=$(sed -E 's/.*"listen":"127\.0\.0\.1:([0-9]+)".*/\1/' <<<"$line")
+  GW_ADMIN_PORT=$(sed -E 's/.*"admin_listen":"127\.0\.0\.1:([0-9]+)".*/\1/' <<<"$line")
+  GATEWAY=http://127.0.0.1:$GW_PORT
+  GATEWAY_ADMIN=http://127.0.0.1:$GW_ADMIN_PORT
 }
 
 # ---------------------------------------------------------------------------------------------------
@@ -201,13 +226,13 @@ PG_DIR=$WORK/pg
 if [ "$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$WORK"; then
   PG_DIR=/tmp/flaggate-e2e-pg # the checkout is not reachable for `postgres`
 fi
+if [ ${#PG_DIR} -gt 70 ]; then # its socket path must stay under 108 bytes
+  PG_DIR=/tmp/flaggate-e2e-pg-$(id -u)
+fi
+PG_SOCKET_DIR=$PG_DIR/socket
 if [ -f "$PG_DIR/data/postmaster.pid" ]; then # left over by a killed run: stop that cluster (ours)
   as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m immediate stop >/dev/null 2>&1 || true
 fi
-for p in "$PG_PORT" "$UNLEASH_PORT" "$GW_PORT" "$GW_ADMIN_PORT" "$PAGE_PORT"; do
-  port_in_use "$p" && die "port 127.0.0.1:$p is in use (a leftover run? set E2E_*_PORT to move it)"
-done
-
 rm -rf "$RUN"
 mkdir -p "$RUN/flaggate-state" "$RUN/www"
 : >"$FLAGGATE_LOG"
@@ -215,20 +240,20 @@ mkdir -p "$RUN/flaggate-state" "$RUN/www"
 : >"$CHECKS_OUT"
 
 # ---------------------------------------------------------------------------------------------------
-# 2. PostgreSQL: a fresh cluster owned by `postgres`, TCP on 127.0.0.1 only, trust auth
+# 2. PostgreSQL: a fresh cluster owned by `postgres`, on a Unix socket only (no TCP), trust auth
 
-say "PostgreSQL 15: fresh cluster on 127.0.0.1:$PG_PORT"
+say "PostgreSQL 15: fresh cluster on $PG_SOCKET_DIR"
 rm -rf "$PG_DIR"
-mkdir -p "$PG_DIR"
-[ "$(id -u)" = 0 ] && chown postgres:postgres "$PG_DIR"
+mkdir -p "$PG_SOCKET_DIR"
+[ "$(id -u)" = 0 ] && chown -R postgres:postgres "$PG_DIR"
 as_pg "$PG_BIN/initdb" -D "$PG_DIR/data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 -N >"$RUN/initdb.log" 2>&1 ||
   {
     cat "$RUN/initdb.log"
     die "initdb failed"
   }
 as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w -t 60 \
-  -o "-c listen_addresses=127.0.0.1 -c port=$PG_PORT -c unix_socket_directories='' -c fsync=off" start >/dev/null
-"$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc 'CREATE DATABASE unleash' >/dev/null
+  -o "-c listen_addresses='' -c port=5432 -c unix_socket_directories='$PG_SOCKET_DIR' -c fsync=off" start >/dev/null
+"$PG_BIN/psql" -h "$PG_SOCKET_DIR" -p 5432 -U postgres -qc 'CREATE DATABASE unleash' >/dev/null
 
 # ---------------------------------------------------------------------------------------------------
 # 3. Unleash 7.5.1, seeded through its admin API
@@ -241,9 +266,6 @@ export E2E_STATE=$RUN/state.json E2E_NODE_DIR=$WORK/node
 cat >"$E2E_STATE" <<EOF
 {
   "unleash": "$UNLEASH",
-  "gateway": "$GATEWAY",
-  "gateway_admin": "$GATEWAY_ADMIN",
-  "page": "$PAGE",
   "chromium": "$(command -v chromium)",
   "work": "$RUN",
   "flaggate_log": "$FLAGGATE_LOG",
@@ -257,14 +279,22 @@ PY=$WORK/venv/bin/python
 # ---------------------------------------------------------------------------------------------------
 # 4. flaggate in Unleash-sync mode; the static page origin for the browser check
 
-say "flaggate on $GATEWAY (admin $GATEWAY_ADMIN), Unleash-sync every ${SYNC_INTERVAL_S}s"
+say "flaggate in Unleash-sync mode (every ${SYNC_INTERVAL_S}s)"
 start_flaggate
+say "flaggate on $GATEWAY (admin $GATEWAY_ADMIN)"
 wait_http "$GATEWAY_ADMIN/ready" 200 30 || die "flaggate never became ready"
 
 cp "$HERE/browser/index.html" "$WORK/node/node_modules/unleash-proxy-client/build/main.min.js" "$RUN/www/"
-python3 -m http.server "$PAGE_PORT" --bind 127.0.0.1 --directory "$RUN/www" >"$RUN/page-server.log" 2>&1 &
+python3 -u -m http.server 0 --bind 127.0.0.1 --directory "$RUN/www" >"$RUN/page-server.log" 2>&1 &
 PAGE_PID=$!
-wait_http "$PAGE/index.html" 200 15 || die "static page server did not start"
+line=$(wait_file_line "$RUN/page-server.log" '^Serving HTTP on ' 0 15) || die "static page server did not start"
+PAGE=http://127.0.0.1:$(sed -E 's/.* port ([0-9]+) .*/\1/' <<<"$line")
+wait_http "$PAGE/index.html" 200 15 || die "static page server does not answer"
+
+# The gateway and page addresses are known only now: add them to the state the checks read.
+(cd "$HERE" && "$PY" -c 'import sys; from e2e import load_state, save_state
+s = load_state(); s["gateway"], s["gateway_admin"], s["page"] = sys.argv[1:4]; save_state(s)' \
+  "$GATEWAY" "$GATEWAY_ADMIN" "$PAGE")
 
 # ---------------------------------------------------------------------------------------------------
 # 5. the checks

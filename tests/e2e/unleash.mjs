@@ -9,7 +9,9 @@ if (!dir) throw new Error('E2E_NODE_DIR is not set');
 const entry = join(dir, 'node_modules', 'unleash-server', 'dist', 'lib', 'server-impl.js');
 const { start } = await import(pathToFileURL(entry).href);
 const unleash = await start({});
-console.log(`e2e: unleash-server listening on ${process.env.HTTP_HOST}:${process.env.HTTP_PORT}`);
+// run.sh reads the port from this line: HTTP_PORT=0 lets the kernel choose it.
+const { address, port } = unleash.server.address();
+console.log(`e2e: unleash-server listening on ${address}:${port}`);
 for (const sig of ['SIGTERM', 'SIGINT']) {
   process.on(sig, async () => {
     try {

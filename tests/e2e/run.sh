@@ -258,9 +258,9 @@ as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/postgres.log" -w -t 60 \
 # ---------------------------------------------------------------------------------------------------
 # 3. Unleash 7.5.1, seeded through its admin API
 
-say "Unleash 7.5.1 on $UNLEASH"
+say "Unleash 7.5.1 starting"
 start_unleash
-say "Unleash healthy; seeding flags and tokens through its admin API"
+say "Unleash healthy on $UNLEASH; seeding flags and tokens through its admin API"
 
 export E2E_STATE=$RUN/state.json E2E_NODE_DIR=$WORK/node
 cat >"$E2E_STATE" <<EOF

@@ -11,15 +11,15 @@ use std::sync::Arc;
 
 const TOKEN: &str = "*:development.66ef8778ad0df979785e382aca6edd2ca06181d44add8325306afe17";
 
+fn secret(i: usize) -> String {
+    format!("*:development.{i:056x}")
+}
+
 fn store_with(n: usize) -> TokenStore {
     let store = TokenStore::new();
     let mut set = TokenSet::with_capacity(n + 1);
     for i in 0..=n {
-        let secret = if i == n {
-            TOKEN.to_string()
-        } else {
-            format!("*:development.{i:056x}")
-        };
+        let secret = if i == n { TOKEN.to_string() } else { secret(i) };
         let d = Digest::of(&secret);
         set.insert(
             d,
@@ -111,5 +111,23 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// The lookup is the only per-request step whose cost could depend on how many tokens are loaded: 1,000
+/// different SDK tokens looked up in turn, in a store of 1,000 and of 1,000,000 tokens, side by side.
+fn token_count(c: &mut Criterion) {
+    let digests: Vec<Digest> = (0..1000).map(|i| Digest::of(&secret(i))).collect();
+    let mut g = c.benchmark_group("lookup_1000_distinct_tokens");
+    for n in [1_000, 1_000_000] {
+        let store = store_with(n);
+        let mut i = 0;
+        g.bench_function(format!("store_of_{n}"), |b| {
+            b.iter(|| {
+                i = (i + 1) % digests.len();
+                store.lookup(black_box(&digests[i])).is_some()
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, token_count);
 criterion_main!(benches);

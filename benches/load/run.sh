@@ -110,53 +110,83 @@ for i in range(n - 1):
 print("\n".join(out))
 PY
 }
-fg_pid=""
-start_flaggate() {
-  local n=$1
-  [ -n "$fg_pid" ] && { kill "$fg_pid"; wait "$fg_pid" 2>/dev/null || true; }
+# One flaggate per token count, all running side by side, so the token-count rounds can alternate
+# (1k, 10k, 1M, 1k, ...) and be compared pairwise within one run instead of across restarts.
+declare -A fg_pids fg_ports fg_admins
+start_flaggate() { # start_flaggate N PORT ADMIN_PORT
+  local n=$1 port=$2 admin=$3 pid
   write_tokens "$n" "$WORK/tokens-$n.yaml"
-  "$FG" run --listen 127.0.0.1:$FG_PORT --admin-listen 127.0.0.1:$FG_ADMIN \
+  "$FG" run --listen 127.0.0.1:$port --admin-listen 127.0.0.1:$admin \
     --upstream http://127.0.0.1:$STATIC_PORT --token-file "$WORK/tokens-$n.yaml" --log-level warn \
-    > "$WORK/logs/flaggate.log" 2>&1 &
-  fg_pid=$!
-  pids+=("$fg_pid")
-  for _ in $(seq 1 600); do
-    curl -fs "http://127.0.0.1:$FG_ADMIN/ready" >/dev/null 2>&1 && return 0
+    > "$WORK/logs/flaggate-$n.log" 2>&1 &
+  pid=$!
+  pids+=("$pid")
+  fg_pids[$n]=$pid fg_ports[$n]=$port fg_admins[$n]=$admin
+  for _ in $(seq 1 1200); do
+    curl -fs "http://127.0.0.1:$admin/ready" >/dev/null 2>&1 && return 0
     sleep 0.1
   done
-  echo "flaggate did not become ready"; tail -20 "$WORK/logs/flaggate.log"; exit 1
+  echo "flaggate ($n tokens) did not become ready"; tail -20 "$WORK/logs/flaggate-$n.log"; exit 1
 }
 
-cpu_ticks() { # sum of utime+stime over pids, in clock ticks
-  local t=0
+cpu_ticks() { # "utime stime" summed over pids, in clock ticks
+  local u=0 s=0 a b
   for p in "$@"; do
     [ -r "/proc/$p/stat" ] || continue
-    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+    read -r a b < <(awk '{print $14, $15}' "/proc/$p/stat")
+    u=$((u + a)) s=$((s + b))
   done
-  echo $t
+  echo "$u $s"
+}
+# CPU seconds of this shell's finished children (wrk among them): `times` in this shell, not a subshell.
+children_cpu() { # sets CHILDREN_CPU
+  times >"$WORK/times"
+  CHILDREN_CPU=$(tail -1 "$WORK/times" | awk '{ for (i = 1; i <= 2; i++) { split($i, t, /[ms]/); s += t[1] * 60 + t[2] } print s }')
 }
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 HZ=$(getconf CLK_TCK)
+STATIC_PIDS=$(nginx_pids static)
 
-# run NAME PORT PIDS... -> prints one result line, appends "name rps" to results
+# run NAME PORT PIDS... -> one result line; appends "name|rps|cpu|user|sys|static|wrk" to results.
+# CPU per request is split into user and kernel time, and the static upstream's and wrk's share of the
+# same run are measured too: on a shared 2-core box they are the rest of the budget.
 run() {
   local name=$1 port=$2; shift 2
-  local before after out rps p50 p99 reqs cpu_us
-  before=$(cpu_ticks "$@")
+  local b0 a0 s0 s1 w0 w1 out rps p50 p99 reqs
+  read -r b0 a0 < <(cpu_ticks "$@")
+  read -r s0 < <(cpu_ticks $STATIC_PIDS | awk '{print $1 + $2}')
+  children_cpu
+  w0=$CHILDREN_CPU
   out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -H "Authorization: $TOKEN" \
     "http://127.0.0.1:$port/api/client/features")
-  after=$(cpu_ticks "$@")
+  children_cpu
+  w1=$CHILDREN_CPU
+  read -r b1 a1 < <(cpu_ticks "$@")
+  read -r s1 < <(cpu_ticks $STATIC_PIDS | awk '{print $1 + $2}')
   rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   reqs=$(echo "$out" | awk '/requests in/ {print $1}')
   p50=$(echo "$out" | awk '$1=="50%" {print $2}')
   p99=$(echo "$out" | awk '$1=="99%" {print $2}')
   non2xx=$(echo "$out" | awk '/Non-2xx/ {print $4}')
-  cpu_us=$(python3 -c "print(f'{($after-$before)/$HZ*1e6/max($reqs,1):.1f}')")
-  printf '%-28s %10s req/s   p50 %8s   p99 %8s   cpu/req %6s µs %s\n' "$name" "$rps" "$p50" "$p99" "$cpu_us" "${non2xx:+ NON-2XX: $non2xx}"
-  echo "$name $rps $cpu_us" >> "$WORK/results"
+  python3 - "$name" "$rps" "$reqs" "$p50" "$p99" "${non2xx:-}" "$HZ" "$b0" "$b1" "$a0" "$a1" "$s0" "$s1" "$w0" "$w1" \
+    "$WORK/results" <<'PY'
+import sys
+name, rps, reqs, p50, p99, non2xx, hz = sys.argv[1:8]
+b0, b1, a0, a1, s0, s1 = map(int, sys.argv[8:14])
+w0, w1, results = float(sys.argv[14]), float(sys.argv[15]), sys.argv[16]
+reqs, hz = max(int(reqs), 1), int(hz)
+us = lambda ticks: ticks / hz * 1e6 / reqs
+user, sys_, static, wrk = us(b1 - b0), us(a1 - a0), us(s1 - s0), (w1 - w0) * 1e6 / reqs
+print(f"{name:28} {float(rps):10,.0f} req/s   p50 {p50:>8}   p99 {p99:>8}   cpu/req {user + sys_:5.1f} µs "
+      f"(user {user:4.1f} + kernel {sys_:4.1f})   upstream {static:4.1f}, wrk {wrk:4.1f} µs"
+      + (f"   NON-2XX: {non2xx}" if non2xx else ""))
+with open(results, "a") as f:
+    f.write(f"{name}|{rps}|{user + sys_}|{user}|{sys_}|{static}|{wrk}\n")
+PY
 }
 
-start_flaggate 1000
+start_flaggate 1000 $FG_PORT $FG_ADMIN
+fg_pid=${fg_pids[1000]}
 echo "== sanity"
 curl -s -o /dev/null -w "flaggate, valid token: %{http_code}\n" -H "Authorization: $TOKEN" "http://127.0.0.1:$FG_PORT/api/client/features"
 curl -s -o /dev/null -w "static upstream: %{http_code}\n" "http://127.0.0.1:$STATIC_PORT/api/client/features"
@@ -165,7 +195,7 @@ curl -s -o /dev/null -w 'nginx map,  upper-cased token: %{http_code}\n' -H "Auth
 
 echo "== $ROUNDS rounds, alternating (wrk -t$THREADS -c$CONNECTIONS -d$DURATION), 1,000 tokens loaded"
 for r in $(seq 1 "$ROUNDS"); do
-  run "static nginx (direct)" $STATIC_PORT $(nginx_pids static)
+  run "static nginx (direct)" $STATIC_PORT $STATIC_PIDS
   run "nginx token-map proxy" $NGINX_PORT $(nginx_pids proxy)
   run "flaggate" $FG_PORT "$fg_pid"
 done
@@ -178,42 +208,59 @@ request = function()
   return wrk.format("GET", "/api/client/features", { ["Authorization"] = t })
 end
 EOF
-up_before=$(curl -s "http://127.0.0.1:$FG_ADMIN/metrics" | awk '/^flaggate_upstream_duration_seconds_count/ {s+=$2} END {print s+0}')
+upstream_count() { curl -s "http://127.0.0.1:$FG_ADMIN/metrics" | awk '/^flaggate_upstream_duration_seconds_count/ {s+=$2} END {print s+0}'; }
+up_before=$(upstream_count)
 rss_before=$(rss_kb "$fg_pid")
-before=$(cpu_ticks "$fg_pid")
+read -r b0 a0 < <(cpu_ticks "$fg_pid")
 out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -s "$WORK/junk.lua" "http://127.0.0.1:$FG_PORT/api/client/features")
-after=$(cpu_ticks "$fg_pid")
-up_after=$(curl -s "http://127.0.0.1:$FG_ADMIN/metrics" | awk '/^flaggate_upstream_duration_seconds_count/ {s+=$2} END {print s+0}')
+read -r b1 a1 < <(cpu_ticks "$fg_pid")
+up_after=$(upstream_count)
 rss_after=$(rss_kb "$fg_pid")
 junk_rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
 junk_reqs=$(echo "$out" | awk '/requests in/ {print $1}')
+junk_cpu=$(python3 -c "print(f'{($b1 + $a1 - $b0 - $a0) / $HZ * 1e6 / max($junk_reqs, 1):.1f}')")
 printf '%-28s %10s req/s   upstream requests %s   RSS %s → %s kB   cpu/req %s µs\n' "flaggate junk flood" "$junk_rps" \
-  "$((up_after - up_before))" "$rss_before" "$rss_after" "$(python3 -c "print(f'{($after-$before)/$HZ*1e6/max($junk_reqs,1):.1f}')")"
-echo "flaggate-junk $junk_rps 0" >> "$WORK/results"
+  "$((up_after - up_before))" "$rss_before" "$rss_after" "$junk_cpu"
+echo "flaggate-junk|$junk_rps|$junk_cpu|0|0|0|0" >> "$WORK/results"
 
-for n in 10000 1000000; do
-  echo "== valid token with $n tokens loaded"
-  start_flaggate "$n"
-  echo "   (RSS with $n tokens: $(rss_kb "$fg_pid") kB)"
-  run "flaggate ($n tokens)" $FG_PORT "$fg_pid"
+echo "== token count: 1,000 vs 10,000 vs 1,000,000 tokens loaded, $ROUNDS rounds alternating"
+start_flaggate 10000 $((FG_PORT + 10)) $((FG_ADMIN + 10))
+start_flaggate 1000000 $((FG_PORT + 20)) $((FG_ADMIN + 20))
+echo "   RSS: 1k $(rss_kb "${fg_pids[1000]}") kB, 10k $(rss_kb "${fg_pids[10000]}") kB, 1M $(rss_kb "${fg_pids[1000000]}") kB"
+for r in $(seq 1 "$ROUNDS"); do
+  for n in 1000 10000 1000000; do
+    run "flaggate ($n tokens)" "${fg_ports[$n]}" "${fg_pids[$n]}"
+  done
 done
 
 echo "== summary"
-python3 - "$WORK/results" <<'PY'
+python3 - "$WORK/results" "$(nproc)" <<'PY'
 import sys, statistics
 rows = {}
 for line in open(sys.argv[1]):
-    parts = line.rsplit(" ", 2)
-    rows.setdefault(parts[0], []).append((float(parts[1]), float(parts[2])))
+    name, *vals = line.strip().split("|")
+    rows.setdefault(name, []).append([float(v) for v in vals])
+cores = int(sys.argv[2])
 def med(name, i=0):
     v = [r[i] for r in rows.get(name, [])]
     return statistics.median(v) if v else float("nan")
+def paired(a, b):  # median of per-round ratios b/a, rounds run back to back
+    return statistics.median(y[0] / x[0] for x, y in zip(rows[a], rows[b]))
 fg, ng, st = med("flaggate"), med("nginx token-map proxy"), med("static nginx (direct)")
 print(f"median req/s: static {st:,.0f}  nginx proxy {ng:,.0f}  flaggate {fg:,.0f}")
 print(f"flaggate / nginx token-map proxy = {fg/ng:.2f}x   (target >= 1.2x)")
 print(f"flaggate / Unleash Edge offline (7,900-8,300 req/s, issue figure) = {fg/8100:.1f}x   (target >= 3x)")
-print(f"flaggate CPU per request: {med('flaggate', 1):.1f} µs   (target <= 25 µs)")
+print(f"flaggate CPU per request: {med('flaggate', 1):.1f} µs (user {med('flaggate', 2):.1f} + kernel "
+      f"{med('flaggate', 3):.1f})   nginx proxy: {med('nginx token-map proxy', 1):.1f} µs (user "
+      f"{med('nginx token-map proxy', 2):.1f} + kernel {med('nginx token-map proxy', 3):.1f})   (target <= 25 µs)")
+# The box is shared: every request also costs the upstream's and wrk's CPU. With the cores saturated,
+# req/s ~ cores / (proxy + upstream + wrk per request), which bounds what any proxy can reach here.
+rest = med("flaggate", 4) + med("flaggate", 5)
+budget = cores * 1e6 / (1.2 * ng) - rest
+print(f"CPU budget for 1.2x nginx on {cores} cores: upstream + wrk take {rest:.1f} µs/request, leaving "
+      f"{budget:.1f} µs for the proxy (flaggate's kernel time alone: {med('flaggate', 3):.1f} µs)")
 print(f"junk flood / valid = {med('flaggate-junk')/fg:.2f}x   (target >= 1.5x)")
-m1k, m1m = fg, med("flaggate (1000000 tokens)")
-print(f"1M tokens vs 1k tokens: {m1m/m1k:.3f}x   (target within 5%)")
+for n in ("10000", "1000000"):
+    print(f"{int(n):,} tokens vs 1,000 (paired rounds, median ratio): "
+          f"{paired('flaggate (1000 tokens)', f'flaggate ({n} tokens)'):.3f}x   (target within 5%)")
 PY

@@ -1,8 +1,11 @@
-//! Criterion benchmarks for the pure functions every request runs through, compared side by side.
+//! Criterion benchmarks for the pure functions every request runs through, compared side by side, and the
+//! whole in-memory request path they make up (everything but the sockets).
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use flaggate::path::canonicalize;
 use flaggate::policy::{decide, Policy};
-use flaggate::proxy::headers::{strip_gateway_set, strip_hop_by_hop};
+use flaggate::proxy::forward::upstream_uri;
+use flaggate::proxy::headers::{forwarded_for, set_forwarded, strip_gateway_set, strip_hop_by_hop};
+use flaggate::proxy::record::request_id;
 use flaggate::token::extract::extract;
 use flaggate::token::store::{TokenSet, TokenStore};
 use flaggate::token::{Digest, TokenInfo, TokenKind, TokenSource};
@@ -93,6 +96,32 @@ fn bench(c: &mut Criterion) {
             let e = store.lookup(&Digest::of(t));
             decide(policy.route(&p), &Method::GET, true, e.as_deref(), 0)
         })
+    });
+    // Everything the gateway does to a request in memory, from the SDK's head to the head sent upstream:
+    // canonicalize, authenticate, authorize, header hygiene, X-Forwarded-*, request id, upstream URI.
+    let upstream = flaggate::config::Upstream::parse("http://unleash:4242")
+        .unwrap()
+        .upstream;
+    let peer = forwarded_for("10.1.2.3".parse().unwrap()); // once per connection
+    g.bench_function("request_path_total", |b| {
+        b.iter_batched(
+            || headers.clone(),
+            |mut h| {
+                let p = canonicalize(black_box("/api/client/features")).unwrap();
+                let t = extract(&h).ok().flatten().unwrap_or("");
+                let e = store.lookup(&Digest::of(t));
+                let verdict = decide(policy.route(&p), &Method::GET, true, e.as_deref(), 0);
+                let host = h.get(http::header::HOST).cloned();
+                strip_hop_by_hop(&mut h);
+                strip_gateway_set(&mut h);
+                h.remove(http::header::HOST);
+                set_forwarded(&mut h, peer.clone(), "http", host);
+                h.insert("x-request-id", request_id(None));
+                let uri = upstream_uri(&upstream, &p, Some("project=default"));
+                (verdict, h, uri.is_ok())
+            },
+            criterion::BatchSize::SmallInput,
+        )
     });
     // Per-token rate limiting: the extra cost on a request whose token has a limit.
     let mut limits = flaggate::ratelimit::RateLimits::default();

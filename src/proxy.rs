@@ -81,6 +81,8 @@ impl Live {
 #[derive(Clone)]
 pub struct ConnCtx {
     pub peer: SocketAddr,
+    /// `X-Forwarded-For` for this peer, made once per connection.
+    pub forwarded_for: http::HeaderValue,
     pub proto: &'static str,
     pub activity: Option<Arc<conn::Activity>>,
     /// Turns true at shutdown: open event streams are ended cleanly.
@@ -321,7 +323,7 @@ async fn run_phases(
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::strip_gateway_set(&mut parts.headers);
     parts.headers.remove(HOST);
-    headers::set_forwarded(&mut parts.headers, ctx.peer.ip(), ctx.proto, host);
+    headers::set_forwarded(&mut parts.headers, ctx.forwarded_for.clone(), ctx.proto, host);
     parts.headers.insert(REQUEST_ID, request_id);
     parts.uri = forward::upstream_uri(&gw.upstream, &path, uri.query())?;
     parts.version = Version::HTTP_11;

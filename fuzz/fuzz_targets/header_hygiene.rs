@@ -2,7 +2,9 @@
 //! client copy (in any spelling) of a header the gateway sets survives; the gateway's own values are
 //! the only ones present.
 #![no_main]
-use flaggate::proxy::headers::{set_forwarded, strip_gateway_set, strip_hop_by_hop, GATEWAY_SET, HOP_BY_HOP};
+use flaggate::proxy::headers::{
+    forwarded_for, set_forwarded, strip_gateway_set, strip_hop_by_hop, GATEWAY_SET, HOP_BY_HOP,
+};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 
@@ -40,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
     if !listed.iter().any(|l| l == "authorization") {
         assert_eq!(headers.get_all("authorization").iter().cloned().collect::<Vec<_>>(), auth_before);
     }
-    set_forwarded(&mut headers, "10.1.2.3".parse().unwrap(), "http", None);
+    set_forwarded(&mut headers, forwarded_for("10.1.2.3".parse().unwrap()), "http", None);
     assert_eq!(headers.get_all("x-forwarded-for").iter().collect::<Vec<_>>(), vec!["10.1.2.3"]);
     assert_eq!(headers.get_all("x-forwarded-proto").iter().collect::<Vec<_>>(), vec!["http"]);
 });

@@ -94,11 +94,16 @@ pub fn allow_cross_origin_read(headers: &mut HeaderMap) {
     headers.append(header::VARY, HeaderValue::from_static("Origin"));
 }
 
-/// Sets the de-facto forwarding headers from what the gateway itself observed.
-pub fn set_forwarded(headers: &mut HeaderMap, client_ip: IpAddr, proto: &'static str, host: Option<HeaderValue>) {
-    if let Ok(v) = HeaderValue::from_str(&client_ip.to_string()) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
-    }
+/// The `X-Forwarded-For` value for a client address: made once per connection, not per request.
+pub fn forwarded_for(client_ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(client_ip.to_string()))
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
+}
+
+/// Sets the de-facto forwarding headers from what the gateway itself observed (the client address as
+/// made by [`forwarded_for`]).
+pub fn set_forwarded(headers: &mut HeaderMap, client: HeaderValue, proto: &'static str, host: Option<HeaderValue>) {
+    headers.insert(HeaderName::from_static("x-forwarded-for"), client);
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static(proto),
@@ -156,7 +161,7 @@ mod tests {
         strip_gateway_set(&mut h);
         set_forwarded(
             &mut h,
-            "10.0.0.1".parse().unwrap(),
+            forwarded_for("10.0.0.1".parse().unwrap()),
             "http",
             Some(HeaderValue::from_static("gw")),
         );

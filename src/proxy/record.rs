@@ -179,8 +179,12 @@ pub fn request_id(incoming: Option<&HeaderValue>) -> HeaderValue {
             return v.clone();
         }
     }
-    let id = format!("{:032x}", fastrand::u128(..));
-    HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    let mut hex = [0u8; 32];
+    // Hex digits are always a valid header value; the fallback only keeps this path free of unwraps.
+    match hex::encode_to_slice(fastrand::u128(..).to_be_bytes(), &mut hex) {
+        Ok(()) => HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("-")),
+        Err(_) => HeaderValue::from_static("-"),
+    }
 }
 
 #[cfg(test)]

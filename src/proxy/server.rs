@@ -147,6 +147,7 @@ async fn serve_conn<S>(
     let activity = Arc::new(Activity::new());
     let ctx = ConnCtx {
         peer,
+        forwarded_for: super::headers::forwarded_for(peer.ip()),
         proto,
         activity: Some(activity.clone()),
         stop: Some(stop.clone()),
@@ -219,7 +220,7 @@ where
         };
         let h = handler.clone();
         let conn = builder
-            .serve_connection(TokioIo::new(stream), service_fn(move |req| h(req)))
+            .serve_connection(TokioIo::new(stream), service_fn(h))
             .into_owned();
         tokio::spawn(async move {
             let _ = conn.await;

@@ -136,6 +136,9 @@ pub fn apply_token_file(store: &TokenStore, path: &Path) -> Result<Vec<u8>, Toke
     Ok(bytes)
 }
 
+/// Told how each reload of the token file went (metrics and logs).
+pub type ReloadReport = Arc<dyn Fn(Result<(), &TokenFileError>) + Send + Sync>;
+
 /// Keeps the store in step with the file. Watches the *directory*: editors save by rename and Kubernetes
 /// swaps a ConfigMap by re-pointing a symlink, neither of which a watch on the file itself survives.
 /// The returned watcher must be kept alive.
@@ -143,7 +146,7 @@ pub fn watch_token_file(
     store: Arc<TokenStore>,
     path: PathBuf,
     applied: Vec<u8>,
-    on_result: Arc<dyn Fn(Result<(), &TokenFileError>) + Send + Sync>,
+    on_result: ReloadReport,
 ) -> notify::Result<notify::RecommendedWatcher> {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let check = tx.clone();

@@ -19,10 +19,7 @@ async fn https_with_h2_and_http1_and_certificate_hot_swap() {
     let gw = gateway()
         .upstream(up.url())
         .token(CLIENT, "client")
-        .settings(|s| {
-            s.tls_cert = Some(cert.display().to_string());
-            s.tls_key = Some(key.display().to_string());
-        })
+        .tls(&cert, &key)
         .start()
         .await;
 
@@ -87,11 +84,8 @@ async fn mtls_refuses_clients_without_a_certificate_from_the_ca() {
     let gw = gateway()
         .upstream(up.url())
         .token(CLIENT, "client")
-        .settings(|s| {
-            s.tls_cert = Some(cert.display().to_string());
-            s.tls_key = Some(key.display().to_string());
-            s.tls_client_ca = Some(client_ca_path.display().to_string());
-        })
+        .tls(&cert, &key)
+        .tls_client_ca(&client_ca_path)
         .start()
         .await;
 
@@ -127,10 +121,7 @@ async fn https_upstream_is_verified_against_the_configured_ca() {
     let tls_upstream = gateway()
         .upstream(mock.url())
         .token(CLIENT, "client")
-        .settings(|s| {
-            s.tls_cert = Some(cert.display().to_string());
-            s.tls_key = Some(key.display().to_string());
-        })
+        .tls(&cert, &key)
         .start()
         .await;
     let ca_path = ca.write(dir.path(), "ca.pem");
@@ -168,11 +159,8 @@ async fn the_gateway_presents_its_client_certificate_to_an_mtls_upstream() {
     let mtls_upstream = gateway()
         .upstream(mock.url())
         .token(CLIENT, "client")
-        .settings(|s| {
-            s.tls_cert = Some(cert.display().to_string());
-            s.tls_key = Some(key.display().to_string());
-            s.tls_client_ca = Some(client_ca_path.display().to_string());
-        })
+        .tls(&cert, &key)
+        .tls_client_ca(&client_ca_path)
         .start()
         .await;
     let server_ca_path = server_ca.write(dir.path(), "server-ca.pem");

@@ -4,16 +4,12 @@ mod support;
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use support::poll::within;
+use support::poll::{ready_within, status_within, within};
 use support::unleash::mock_unleash;
 use support::{gateway, get};
 
 const CLIENT: &str = "*:development.sync-client-0123456789abcdef";
 const FRONTEND: &str = "default:development.sync-frontend-0123456789abcdef";
-
-async fn ready(admin: std::net::SocketAddr) -> bool {
-    get(admin, "/ready", None).await.status == 200
-}
 
 fn rfc3339_in(secs: i64) -> (i64, String) {
     let t = time::OffsetDateTime::now_utc() + time::Duration::seconds(secs);
@@ -35,15 +31,19 @@ async fn a_token_deleted_upstream_is_denied_within_interval_plus_one_second() {
         .start()
         .await;
     assert!(
-        within(Duration::from_secs(3), || ready(gw.admin)).await.is_some(),
+        ready_within(gw.admin, Duration::from_secs(3)).await.is_some(),
         "ready after first sync"
     );
     assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 200);
 
     u.state.remove(CLIENT);
-    let took = within(Duration::from_secs(2), || async {
-        get(gw.addr, "/api/client/features", Some(CLIENT)).await.status == 401
-    })
+    let took = status_within(
+        gw.addr,
+        "/api/client/features",
+        Some(CLIENT),
+        401,
+        Duration::from_secs(2),
+    )
     .await;
     assert!(took.is_some(), "deleted token still allowed after sync interval + 1 s");
 }
@@ -59,16 +59,20 @@ async fn a_token_is_denied_within_one_second_of_its_expiry() {
         .without_token_file()
         .start()
         .await;
-    assert!(within(Duration::from_secs(3), || ready(gw.admin)).await.is_some());
+    assert!(ready_within(gw.admin, Duration::from_secs(3)).await.is_some());
     assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 200);
     // Wait for the expiry second, then the token must be refused within 1 s, with no sync in between.
     let until = std::time::UNIX_EPOCH + Duration::from_secs(expiry as u64);
     if let Ok(d) = until.duration_since(std::time::SystemTime::now()) {
         tokio::time::sleep(d).await;
     }
-    let took = within(Duration::from_secs(1), || async {
-        get(gw.addr, "/api/client/features", Some(CLIENT)).await.status == 401
-    })
+    let took = status_within(
+        gw.addr,
+        "/api/client/features",
+        Some(CLIENT),
+        401,
+        Duration::from_secs(1),
+    )
     .await;
     assert!(took.is_some(), "expired token still allowed 1 s after expiresAt");
 }
@@ -84,7 +88,7 @@ async fn a_new_token_is_allowed_on_its_first_request() {
         .without_token_file()
         .start()
         .await;
-    assert!(within(Duration::from_secs(3), || ready(gw.admin)).await.is_some());
+    assert!(ready_within(gw.admin, Duration::from_secs(3)).await.is_some());
     tokio::time::sleep(Duration::from_millis(1100)).await;
 
     u.state.add(CLIENT, "client", None);
@@ -105,7 +109,7 @@ async fn ten_thousand_junk_tokens_cost_a_handful_of_list_fetches_and_nothing_els
         .without_token_file()
         .start()
         .await;
-    assert!(within(Duration::from_secs(3), || ready(gw.admin)).await.is_some());
+    assert!(ready_within(gw.admin, Duration::from_secs(3)).await.is_some());
     let before = u.list_fetches();
     let started = Instant::now();
     let addr = gw.addr;
@@ -222,7 +226,7 @@ async fn during_an_outage_known_tokens_pass_and_a_restart_serves_from_the_snapsh
         .state_dir(state.path())
         .start()
         .await;
-    assert!(within(Duration::from_secs(3), || ready(gw.admin)).await.is_some());
+    assert!(ready_within(gw.admin, Duration::from_secs(3)).await.is_some());
     let snap = state.path().join(flaggate::token::snapshot::FILE_NAME);
     assert!(within(Duration::from_secs(2), || async { snap.exists() })
         .await
@@ -238,7 +242,11 @@ async fn during_an_outage_known_tokens_pass_and_a_restart_serves_from_the_snapsh
                 .status,
             401
         );
-        assert!(ready(gw.admin).await, "stays ready on the last good set");
+        assert_eq!(
+            get(gw.admin, "/ready", None).await.status,
+            200,
+            "stays ready on the last good set"
+        );
     }
     let metrics = get(gw.admin, "/metrics", None).await.text();
     assert!(
@@ -256,7 +264,7 @@ async fn during_an_outage_known_tokens_pass_and_a_restart_serves_from_the_snapsh
         .start()
         .await;
     assert!(
-        within(Duration::from_secs(3), || ready(gw.admin)).await.is_some(),
+        ready_within(gw.admin, Duration::from_secs(3)).await.is_some(),
         "ready from the snapshot"
     );
     assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 200);
@@ -276,9 +284,13 @@ async fn during_an_outage_known_tokens_pass_and_a_restart_serves_from_the_snapsh
     // Unleash comes back: a deletion made meanwhile applies without restarting the gateway.
     u.state.remove(CLIENT);
     u.state.failure.store(0, Ordering::SeqCst);
-    let took = within(Duration::from_secs(5), || async {
-        get(gw.addr, "/api/client/features", Some(CLIENT)).await.status == 401
-    })
+    let took = status_within(
+        gw.addr,
+        "/api/client/features",
+        Some(CLIENT),
+        401,
+        Duration::from_secs(5),
+    )
     .await;
     assert!(took.is_some(), "recovered sync did not apply");
 }
@@ -355,7 +367,7 @@ async fn with_a_token_file_too_readiness_still_waits_for_the_unleash_set() {
     );
     assert_eq!(r.json()["reason"], "waiting for the unleash token set");
     u.state.failure.store(0, Ordering::SeqCst);
-    assert!(within(Duration::from_secs(5), || ready(gw.admin)).await.is_some());
+    assert!(ready_within(gw.admin, Duration::from_secs(5)).await.is_some());
     assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 200);
     assert_eq!(get(gw.addr, "/api/frontend", Some(FRONTEND)).await.status, 200);
 }

@@ -83,6 +83,17 @@ impl Builder {
         f(&mut self.settings);
         self
     }
+    /// Serve HTTPS with this certificate and key (PEM files).
+    pub fn tls(mut self, cert: &std::path::Path, key: &std::path::Path) -> Self {
+        self.settings.tls_cert = Some(cert.display().to_string());
+        self.settings.tls_key = Some(key.display().to_string());
+        self
+    }
+    /// Require client certificates issued by this CA (PEM file): mTLS.
+    pub fn tls_client_ca(mut self, ca: &std::path::Path) -> Self {
+        self.settings.tls_client_ca = Some(ca.display().to_string());
+        self
+    }
 
     /// Unleash-sync mode only: no token file, so readiness depends on the sync.
     pub fn without_token_file(mut self) -> Self {

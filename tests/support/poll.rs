@@ -1,6 +1,8 @@
 //! Waiting for the gateway to reach a state, and reading a Prometheus scrape.
 
+use super::client::get;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// Polls `f` every 20 ms until it returns true or `limit` passes; returns the time it took.
@@ -17,6 +19,22 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     None
+}
+
+/// Polls `path` with `token` until it answers `want`; the wait, or `None` after `limit`.
+pub async fn status_within(
+    addr: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    want: u16,
+    limit: Duration,
+) -> Option<Duration> {
+    within(limit, || async move { get(addr, path, token).await.status == want }).await
+}
+
+/// Polls the admin listener's `/ready` until it answers 200.
+pub async fn ready_within(admin: SocketAddr, limit: Duration) -> Option<Duration> {
+    status_within(admin, "/ready", None, 200, limit).await
 }
 
 /// The value of one series (`name{labels}` exactly as exported; labels are in alphabetical order) in a

@@ -1,19 +1,12 @@
 //! The binary as operators and newcomers meet it: config errors, `check-config`, `token explain`, and
 //! `flaggate demo` whose printed curl lines must give the statuses they promise.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn flaggate() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_flaggate"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("FLAGGATE_") {
-            c.env_remove(k);
-        }
-    }
-    c
-}
+use support::binary::flaggate;
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
     let p = dir.path().join(name);

@@ -7,6 +7,8 @@
 //! side fails here. (deploy/lint.sh lints the same files with hadolint, yamllint, kubernetes-validate,
 //! compose, promtool and systemd-analyze.)
 
+mod support;
+
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -15,18 +17,9 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+use support::binary::flaggate;
 
 // ---------------------------------------------------------------- the binary
-
-fn flaggate() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_flaggate"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("FLAGGATE_") || k == "RUST_LOG" {
-            c.env_remove(k);
-        }
-    }
-    c
-}
 
 fn output(cmd: &mut Command) -> Output {
     cmd.output().expect("run flaggate")

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::binary::flaggate;
 use support::upstream::channel_body;
 use support::{get, upstream};
 
@@ -24,7 +25,7 @@ struct Binary {
 fn start_binary(upstream: &str, dir: &std::path::Path, extra: &[&str]) -> Binary {
     let tokens = dir.join("tokens.yaml");
     std::fs::write(&tokens, format!("tokens:\n  - secret: {CLIENT:?}\n    type: client\n")).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flaggate"))
+    let mut child = flaggate()
         .args([
             "run",
             "--listen",

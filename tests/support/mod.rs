@@ -2,6 +2,7 @@
 //! TCP). Every test talks to real sockets.
 #![allow(dead_code, unused_imports)]
 
+pub mod binary;
 pub mod client;
 pub mod gateway;
 pub mod poll;

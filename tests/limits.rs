@@ -194,7 +194,7 @@ async fn an_event_stream_outlives_the_response_timeout_but_not_the_idle_timeout(
     use http_body_util::{BodyExt, Full};
     let up = upstream()
         .route("/api/client/streaming", |_| {
-            let (tx, body) = support::upstream::channel_body();
+            let (tx, resp) = support::upstream::event_stream();
             tokio::spawn(async move {
                 // Events for 1.2 s (longer than the response timeout), then silence.
                 for i in 0..6 {
@@ -204,10 +204,7 @@ async fn an_event_stream_outlives_the_response_timeout_but_not_the_idle_timeout(
                 tokio::time::sleep(Duration::from_secs(30)).await;
                 drop(tx);
             });
-            http::Response::builder()
-                .header("content-type", "text/event-stream")
-                .body(body)
-                .unwrap()
+            resp
         })
         .run()
         .await;

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use support::binary::flaggate;
-use support::upstream::channel_body;
+use support::upstream::{channel_body, event_stream};
 use support::{get, upstream};
 
 const CLIENT: &str = "*:development.shutdown-client-0123456789abcdef";
@@ -92,7 +92,7 @@ async fn sigterm_drains_in_flight_work_and_exits_zero() {
                 .unwrap()
         })
         .route("/api/client/streaming", |_| {
-            let (tx, body) = channel_body();
+            let (tx, resp) = event_stream();
             tokio::spawn(async move {
                 for i in 0..300 {
                     if tx
@@ -105,10 +105,7 @@ async fn sigterm_drains_in_flight_work_and_exits_zero() {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             });
-            http::Response::builder()
-                .header("content-type", "text/event-stream")
-                .body(body)
-                .unwrap()
+            resp
         })
         .run()
         .await;

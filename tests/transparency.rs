@@ -10,7 +10,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::time::Duration;
 use support::client::raw_status;
-use support::upstream::{channel_body, full, ok_json, MockBody};
+use support::upstream::{event_stream, full, ok_json};
 use support::{gateway, raw, send, upstream};
 
 const CLIENT: &str = "*:development.transparency-client-0123456789abcdef";
@@ -368,13 +368,11 @@ async fn server_sent_events_are_streamed_event_by_event() {
     let (senders_tx, mut senders) = tokio::sync::mpsc::unbounded_channel();
     let up = upstream()
         .route("/api/client/streaming", move |_| {
-            let (tx, body): (_, MockBody) = channel_body();
+            let (tx, mut resp) = event_stream();
             senders_tx.send(tx).unwrap();
-            Response::builder()
-                .header("content-type", "text/event-stream")
-                .header("cache-control", "no-cache")
-                .body(body)
-                .unwrap()
+            resp.headers_mut()
+                .insert("cache-control", http::HeaderValue::from_static("no-cache"));
+            resp
         })
         .run()
         .await;
@@ -430,12 +428,9 @@ async fn a_started_stream_outlives_the_upstream_timeout() {
     let (senders_tx, mut senders) = tokio::sync::mpsc::unbounded_channel();
     let up = upstream()
         .route("/api/client/streaming", move |_| {
-            let (tx, body) = channel_body();
+            let (tx, resp) = event_stream();
             senders_tx.send(tx).unwrap();
-            Response::builder()
-                .header("content-type", "text/event-stream")
-                .body(body)
-                .unwrap()
+            resp
         })
         .run()
         .await;

@@ -162,3 +162,13 @@ pub fn channel_body() -> (mpsc::Sender<Bytes>, MockBody) {
     let (tx, rx) = mpsc::channel(16);
     (tx, ChannelBody(rx).boxed())
 }
+
+/// A `text/event-stream` response (server-sent events) whose events the test sends, as they happen.
+pub fn event_stream() -> (mpsc::Sender<Bytes>, Response<MockBody>) {
+    let (tx, body) = channel_body();
+    let resp = Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(body)
+        .unwrap_or_else(|e| panic!("event-stream response: {e}"));
+    (tx, resp)
+}

@@ -2,6 +2,7 @@
 mod support;
 
 use std::time::{Duration, Instant};
+use support::poll::{status_within, within};
 use support::upstream::ok_json;
 use support::{gateway, get, upstream};
 
@@ -9,14 +10,7 @@ const CLIENT: &str = "*:development.reload-client-0123456789abcdef";
 const ADMIN: &str = "*:*.reload-admin-0123456789abcdef";
 
 async fn status_becomes(gw: &support::TestGateway, path: &str, token: &str, want: u16, limit: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if get(gw.addr, path, Some(token)).await.status == want {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
+    status_within(gw.addr, path, Some(token), want, limit).await.is_some()
 }
 
 fn metric(scrape: &str, series: &str) -> f64 {
@@ -100,16 +94,11 @@ async fn an_explicit_reload_applies_limits_to_new_requests() {
     std::fs::write(gw.dir.path().join("flaggate.toml"), "max_request_body = \"1KiB\"\n").unwrap();
     // What SIGHUP does; the file watcher would also pick it up.
     gw.running.as_ref().unwrap().reload();
-    let start = Instant::now();
-    let mut applied = false;
-    while start.elapsed() < Duration::from_secs(3) {
-        if support::client::raw_status(&support::raw(gw.addr, post(4000).as_bytes()).await) == 413 {
-            applied = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(applied, "new body limit not applied");
+    let applied = within(Duration::from_secs(3), || async {
+        support::client::raw_status(&support::raw(gw.addr, post(4000).as_bytes()).await) == 413
+    })
+    .await;
+    assert!(applied.is_some(), "new body limit not applied");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 use support::gateway::token_yaml;
+use support::poll::status_within;
 use support::upstream::ok_json;
 use support::{gateway, get, upstream, MockUpstream, TestGateway, TokenSpec};
 
@@ -34,19 +35,14 @@ async fn status(gw: &TestGateway, path: &str, token: &str) -> u16 {
     get(gw.addr, path, Some(token)).await.status.as_u16()
 }
 
-/// Polls every 50 ms until `path` with `token` answers `want`; fails after 2 s. Returns the wait.
+/// Polls until `path` with `token` answers `want`; fails after 2 s. Returns the wait.
 async fn eventually(gw: &TestGateway, path: &str, token: &str, want: u16) -> Duration {
-    let started = Instant::now();
-    loop {
-        let got = status(gw, path, token).await;
-        if got == want {
-            return started.elapsed();
+    match status_within(gw.addr, path, Some(token), want, Duration::from_secs(2)).await {
+        Some(waited) => waited,
+        None => {
+            let got = status(gw, path, token).await;
+            panic!("{path} still {got} (want {want}) 2 s after the token file changed")
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "{path} still {got} (want {want}) 2 s after the token file changed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -195,3 +195,46 @@ async fn the_gateway_presents_its_client_certificate_to_an_mtls_upstream() {
     );
     assert_eq!(mock.count(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stalls_the_tls_handshake_is_cut_at_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upstream().route("*", |_| ok_json("{}")).run().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let (cert, key) = ca.leaf("server").write(dir.path(), "server");
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .tls(&cert, &key)
+        .settings(|s| {
+            s.header_read_timeout = Some("1s".into());
+            s.max_connections = Some("2".into());
+        })
+        .start()
+        .await;
+
+    // Two connections take every slot: one says nothing, one stops inside its ClientHello record.
+    let started = std::time::Instant::now();
+    let silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    partial.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await.unwrap();
+    for mut s in [silent, partial] {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "a stalled handshake was not closed: {read:?}"
+        );
+    }
+    let cut_after = started.elapsed();
+    assert!(cut_after >= Duration::from_millis(900), "cut too early: {cut_after:?}");
+    assert!(
+        cut_after < Duration::from_secs(3),
+        "stalled handshakes held on for {cut_after:?}"
+    );
+
+    // Their slots are free again: a real client is served.
+    let mut c = connect(gw.addr, &ca, &[b"http/1.1"], None).await.unwrap();
+    assert_eq!(c.get("/api/client/features", CLIENT).await.unwrap().0, 200);
+}

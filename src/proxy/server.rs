@@ -110,10 +110,16 @@ pub async fn serve_proxy(listener: TcpListener, gw: Arc<Gateway>, opts: ServeOpt
             open.inc();
             match tls {
                 None => serve_conn(stream, peer, "http", gw, stop).await,
-                Some(acceptor) => match acceptor.accept(stream).await {
-                    Ok(tls_stream) => serve_conn(tls_stream, peer, "https", gw, stop).await,
-                    Err(e) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
-                },
+                // The handshake gets the request head's time limit: a client that stalls in it would
+                // otherwise hold a connection slot forever (a slowloris one layer down).
+                Some(acceptor) => {
+                    let limit = gw.live.load().conn.header_read_timeout;
+                    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                        Ok(Ok(tls_stream)) => serve_conn(tls_stream, peer, "https", gw, stop).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake not completed in time: closing (slow client)"),
+                    }
+                }
             }
             open.dec();
             drop(permit);

@@ -100,6 +100,40 @@ async fn a_slowloris_client_is_cut_at_the_header_timeout_while_others_are_served
     assert_eq!(up.count(), 10, "the slow request never reached upstream");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_its_response_is_cut_at_the_idle_timeout() {
+    // Larger than every socket buffer between the gateway and the client, so the response cannot just
+    // sit in the kernel: the gateway's write blocks.
+    const BIG: usize = 32 << 20;
+    let big = format!("\"{}\"", "x".repeat(BIG));
+    let up = upstream().route("*", move |_| ok_json(&big)).run().await;
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .settings(|s| s.idle_timeout = Some("1s".into()))
+        .start()
+        .await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let req = format!("GET /api/client/features HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    // Read nothing for three idle timeouts, then take what was buffered: the gateway gave up on us.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (got, closed) = read_until_close(&mut s, Duration::from_secs(5)).await;
+    assert!(String::from_utf8_lossy(&got[..got.len().min(12)]).starts_with("HTTP/1.1 200"));
+    assert!(
+        closed,
+        "a client that stopped reading was kept ({} bytes read)",
+        got.len()
+    );
+    assert!(got.len() < BIG, "the whole response was delivered after the stall");
+
+    // A client that reads gets all of it, however long that takes.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(req.as_bytes()).await.unwrap();
+    let (got, _) = read_until_close(&mut s, Duration::from_millis(2500)).await;
+    assert!(got.len() > BIG, "a reading client was cut after {} bytes", got.len());
+}
+
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed_after_the_idle_timeout_but_not_before() {
     let up = upstream().route("*", |_| ok_json("{}")).run().await;

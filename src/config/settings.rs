@@ -45,7 +45,8 @@ pub struct Settings {
     /// Time a client has to send its request headers, and to complete the TLS handshake [default: 10s]
     #[arg(long, env = "FLAGGATE_HEADER_READ_TIMEOUT", value_name = "DURATION")]
     pub header_read_timeout: Option<String>,
-    /// Idle keep-alive connections are closed after this [default: 75s]
+    /// Idle keep-alive connections are closed after this, and so is a client that stops reading its
+    /// response for as long [default: 75s]
     #[arg(long, env = "FLAGGATE_IDLE_TIMEOUT", value_name = "DURATION")]
     pub idle_timeout: Option<String>,
     /// Most open client connections; more wait in the listen backlog [default: 10000]

@@ -1,7 +1,9 @@
 //! Per-connection timing: which phase a client connection is in, so one watchdog can enforce both the
 //! header-read timeout (slowloris: bytes trickle in but no complete request) and the idle keep-alive
 //! timeout (nothing at all), without hyper's own header timer, which also runs while a keep-alive
-//! connection is simply idle and so would cut SDK connections between polls.
+//! connection is simply idle and so would cut SDK connections between polls. While a request is being
+//! served, the one client stall left is a client that stops reading its response: the same idle timeout
+//! applies to a write that stays blocked.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -17,6 +19,8 @@ const BUSY: u64 = 2;
 pub struct Activity {
     state: AtomicU64,
     inflight: AtomicU32,
+    /// Millisecond + 1 at which a write to the client found its socket full, 0 while writes go through.
+    write_blocked: AtomicU64,
     epoch: Instant,
 }
 
@@ -29,6 +33,9 @@ pub enum Expiry {
     Busy,
     HeaderTimeout,
     IdleTimeout,
+    /// The client has not read its response for the idle timeout (a stopped or malicious reader), which
+    /// would otherwise hold the connection and the upstream connection behind it for good.
+    WriteTimeout,
 }
 
 impl Default for Activity {
@@ -42,6 +49,7 @@ impl Activity {
         Activity {
             state: AtomicU64::new(IDLE << 62),
             inflight: AtomicU32::new(0),
+            write_blocked: AtomicU64::new(0),
             epoch: Instant::now(),
         }
     }
@@ -81,19 +89,39 @@ impl Activity {
         }
     }
 
+    /// A write found the client's socket full (or went through again). Called on every write, so the
+    /// common case is one relaxed load.
+    fn on_write(&self, blocked: bool) {
+        let cur = self.write_blocked.load(Ordering::Relaxed);
+        if blocked && cur == 0 {
+            self.write_blocked.store(self.now_ms() + 1, Ordering::Relaxed);
+        } else if !blocked && cur != 0 {
+            self.write_blocked.store(0, Ordering::Relaxed);
+        }
+    }
+
     pub fn check(&self, header_timeout: Duration, idle_timeout: Duration) -> Expiry {
         let s = self.state.load(Ordering::Acquire);
         let since = self.epoch + Duration::from_millis(s & ((1 << 62) - 1));
         let (limit, expired) = match s >> 62 {
             READING_HEAD => (header_timeout, Expiry::HeaderTimeout),
             IDLE => (idle_timeout, Expiry::IdleTimeout),
-            _ => return Expiry::Busy,
+            _ => return self.check_write(idle_timeout),
         };
         let deadline = since + limit;
         if Instant::now() >= deadline {
             expired
         } else {
             Expiry::At(deadline)
+        }
+    }
+
+    /// While busy, the idle timeout runs only for a write that stays blocked.
+    fn check_write(&self, limit: Duration) -> Expiry {
+        match self.write_blocked.load(Ordering::Relaxed) {
+            0 => Expiry::Busy,
+            ms if Instant::now() >= self.epoch + Duration::from_millis(ms - 1) + limit => Expiry::WriteTimeout,
+            _ => Expiry::Busy,
         }
     }
 }
@@ -118,7 +146,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.activity.on_write(r.is_pending());
+        r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
@@ -134,7 +164,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.activity.on_write(r.is_pending());
+        r
     }
 }
 
@@ -157,5 +189,22 @@ mod tests {
         assert_eq!(a.check(Duration::ZERO, Duration::ZERO), Expiry::IdleTimeout);
         a.on_read();
         assert_eq!(a.check(Duration::ZERO, Duration::ZERO), Expiry::HeaderTimeout);
+    }
+
+    #[test]
+    fn a_blocked_write_expires_a_busy_connection_only_while_it_stays_blocked() {
+        let a = Activity::new();
+        let (h, i) = (Duration::from_secs(10), Duration::ZERO);
+        a.begin();
+        assert_eq!(a.check(h, i), Expiry::Busy);
+        a.on_write(true);
+        assert_eq!(a.check(h, i), Expiry::WriteTimeout);
+        assert_eq!(
+            a.check(h, Duration::from_secs(60)),
+            Expiry::Busy,
+            "not before the limit"
+        );
+        a.on_write(false);
+        assert_eq!(a.check(h, i), Expiry::Busy, "the client read again");
     }
 }

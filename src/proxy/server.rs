@@ -190,6 +190,10 @@ async fn serve_conn<S>(
                     tracing::trace!(%peer, "idle keep-alive connection closed");
                     return;
                 }
+                Expiry::WriteTimeout => {
+                    tracing::debug!(%peer, "client stopped reading its response: closing (slow reader)");
+                    return;
+                }
                 Expiry::At(_) | Expiry::Busy => {}
             },
             _ = stopped(&mut stop), if !draining => {

@@ -59,6 +59,8 @@ pub enum Rejection {
     RateLimited(std::time::Duration),
     #[error("request body larger than {0} bytes")]
     BodyTooLarge(u64),
+    #[error("request body not received in time")]
+    BodyTimeout,
     #[error("no token")]
     NoToken(DenialStyle),
     #[error("unknown token")]
@@ -110,6 +112,7 @@ impl Rejection {
             Rejection::NoToken(_) | Rejection::UnknownToken(_) | Rejection::Expired(_) => StatusCode::UNAUTHORIZED,
             Rejection::WrongScope => StatusCode::FORBIDDEN,
             Rejection::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Rejection::MalformedBody => StatusCode::BAD_REQUEST,
             Rejection::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -137,6 +140,7 @@ impl Rejection {
             | Rejection::BadAuthorization(_)
             | Rejection::DuplicateHost
             | Rejection::BodyTooLarge(_)
+            | Rejection::BodyTimeout
             | Rejection::MethodNotAllowed
             | Rejection::MalformedBody => Decision::BadRequest,
             Rejection::NoToken(_) | Rejection::UnknownToken(_) | Rejection::Expired(_) => Decision::Unauthenticated,
@@ -159,6 +163,7 @@ impl Rejection {
             Rejection::BadAuthorization(ExtractError::NotText) => "malformed_authorization",
             Rejection::DuplicateHost => "duplicate_host",
             Rejection::BodyTooLarge(_) => "body_too_large",
+            Rejection::BodyTimeout => "body_timeout",
             Rejection::MethodNotAllowed => "method_not_allowed",
             Rejection::MalformedBody => "malformed_body",
             Rejection::RateLimited(_) => "rate_limited",

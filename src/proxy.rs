@@ -342,7 +342,8 @@ async fn run_phases(
         return Err(Rejection::BodyTooLarge(limit));
     }
     let fault = body::FaultCell::default();
-    let body = body::DownstreamBody::new(body, limit, fault.clone());
+    // A body that stops arriving gets the same time limit as a head that stops arriving.
+    let body = body::DownstreamBody::new(body, limit, live.conn.header_read_timeout, fault.clone());
     let upstream_timeout = live.upstream_timeout;
     drop(live);
     let result = tokio::time::timeout(upstream_timeout, gw.client.request(Request::from_parts(parts, body))).await;

@@ -134,6 +134,45 @@ async fn a_client_that_stops_reading_its_response_is_cut_at_the_idle_timeout() {
     assert!(got.len() > BIG, "a reading client was cut after {} bytes", got.len());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_stops_arriving_gets_408_while_a_slow_steady_one_is_served() {
+    let up = upstream().route("*", |_| ok_json("{}")).run().await;
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .settings(|s| s.header_read_timeout = Some("1s".into()))
+        .start()
+        .await;
+    let head = |len: usize| {
+        format!("POST /api/client/metrics HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n")
+    };
+
+    // 11 of the 100 promised bytes, then nothing: cut at the header timeout, as the client's fault
+    // (not a 504 charged to Unleash after the upstream timeout).
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let started = Instant::now();
+    s.write_all(head(100).as_bytes()).await.unwrap();
+    s.write_all(b"{\"appName\":").await.unwrap();
+    let (reply, _) = read_until_close(&mut s, Duration::from_secs(10)).await;
+    let took = started.elapsed();
+    let reply = String::from_utf8_lossy(&reply);
+    assert_eq!(raw_status(&reply), 408, "{reply}");
+    assert!(reply.contains(r#""code":"body_timeout""#), "{reply}");
+    assert!(took >= Duration::from_millis(900), "cut too early: {took:?}");
+    assert!(took < Duration::from_secs(4), "stalled body held on for {took:?}");
+
+    // A body that keeps coming, a byte every 300 ms, is served however long it takes in total.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(head(8).as_bytes()).await.unwrap();
+    for b in b"12345678" {
+        s.write_all(&[*b]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (reply, _) = read_until_close(&mut s, Duration::from_secs(1)).await;
+    assert_eq!(raw_status(&String::from_utf8_lossy(&reply)), 200);
+    assert_eq!(up.seen().last().map(|r| r.body.clone()), Some("12345678".into()));
+}
+
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed_after_the_idle_timeout_but_not_before() {
     let up = upstream().route("*", |_| ok_json("{}")).run().await;

@@ -42,7 +42,8 @@ pub struct Settings {
     /// Time allowed for Unleash's response headers (streams are exempt once started) [default: 30s]
     #[arg(long, env = "FLAGGATE_UPSTREAM_TIMEOUT", value_name = "DURATION")]
     pub upstream_timeout: Option<String>,
-    /// Time a client has to send its request headers, and to complete the TLS handshake [default: 10s]
+    /// Time a client has to send its request headers, to complete the TLS handshake, and the longest
+    /// pause inside a request body [default: 10s]
     #[arg(long, env = "FLAGGATE_HEADER_READ_TIMEOUT", value_name = "DURATION")]
     pub header_read_timeout: Option<String>,
     /// Idle keep-alive connections are closed after this, and so is a client that stops reading its

@@ -64,6 +64,7 @@ pub fn classify(err: hyper_util::client::legacy::Error, body_limit: u64, body_fa
     match body_fault {
         Some(BodyFault::TooLarge) => return Rejection::BodyTooLarge(body_limit),
         Some(BodyFault::Malformed) => return Rejection::MalformedBody,
+        Some(BodyFault::Stalled) => return Rejection::BodyTimeout,
         None => {}
     }
     let detail = crate::error::error_chain(&err);

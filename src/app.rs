@@ -286,7 +286,6 @@ impl Reloader {
                 new.upstream_connect_timeout != self.current.upstream_connect_timeout,
             ),
             ("max_connections", new.max_connections != self.current.max_connections),
-            ("proxy_workers", new.proxy_workers != self.current.proxy_workers),
             ("shutdown_grace", new.shutdown_grace != self.current.shutdown_grace),
             ("log_format", new.log_format != self.current.log_format),
         ];

@@ -93,8 +93,6 @@ pub struct Config {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
-    /// Proxy worker threads (see `proxy::workers`), resolved from `auto`.
-    pub proxy_workers: usize,
     pub max_header_bytes: usize,
     pub max_request_body: u64,
     pub h2_max_streams: u32,
@@ -146,8 +144,6 @@ pub(crate) struct FileSettings {
     pub idle_timeout: Option<String>,
     #[serde(default, deserialize_with = "scalar")]
     pub max_connections: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub proxy_workers: Option<String>,
     #[serde(default, deserialize_with = "scalar")]
     pub max_header_bytes: Option<String>,
     #[serde(default, deserialize_with = "scalar")]
@@ -359,7 +355,6 @@ impl Config {
             "header_read_timeout",
             humantime::format_duration(self.header_read_timeout).to_string(),
         );
-        line("proxy_workers", self.proxy_workers.to_string());
         let policy = crate::policy::Policy::new(self.routes.clone());
         for r in policy.rules() {
             let kinds: Vec<_> = r.allow.kinds().map(|k| k.as_str()).collect();

@@ -14,7 +14,6 @@ pub mod forward;
 pub mod headers;
 pub mod record;
 pub mod server;
-pub mod workers;
 
 use crate::config::{Config, Upstream};
 use crate::error::{Blame, Decision, Rejection};
@@ -49,8 +48,7 @@ pub struct Gateway {
     pub live: ArcSwap<Live>,
     pub store: Arc<TokenStore>,
     pub metrics: Arc<Metrics>,
-    /// One pool per proxy worker thread (see [`workers`]): a connection's requests use its worker's pool.
-    clients: Vec<UpstreamClient>,
+    client: UpstreamClient,
     upstream: Upstream,
     unleash: Option<UnleashMode>,
     /// Route class of requests refused before routing (`none`), shared instead of allocated each time.
@@ -89,8 +87,6 @@ pub struct ConnCtx {
     pub activity: Option<Arc<conn::Activity>>,
     /// Turns true at shutdown: open event streams are ended cleanly.
     pub stop: Option<tokio::sync::watch::Receiver<bool>>,
-    /// The worker thread serving the connection, whose upstream pool its requests use.
-    pub worker: usize,
 }
 
 /// What a store miss may still consult in Unleash-sync mode.
@@ -125,11 +121,6 @@ impl Gateway {
         &self.upstream
     }
 
-    /// How many proxy worker threads to run: one per upstream pool.
-    pub fn workers(&self) -> usize {
-        self.clients.len()
-    }
-
     pub fn new(
         cfg: &Config,
         store: Arc<TokenStore>,
@@ -137,7 +128,7 @@ impl Gateway {
         unleash: Option<UnleashMode>,
     ) -> Result<Gateway, crate::tls::TlsError> {
         Ok(Gateway {
-            clients: forward::build_clients(cfg, metrics.upstream_connections.clone())?,
+            client: forward::build_client(cfg, metrics.upstream_connections.clone())?,
             unleash,
             live: ArcSwap::from_pointee(Live::from_config(cfg)),
             store,
@@ -355,8 +346,7 @@ async fn run_phases(
     let body = body::DownstreamBody::new(body, limit, live.conn.header_read_timeout, fault.clone());
     let upstream_timeout = live.upstream_timeout;
     drop(live);
-    let client = &gw.clients[ctx.worker % gw.clients.len()];
-    let result = tokio::time::timeout(upstream_timeout, client.request(Request::from_parts(parts, body))).await;
+    let result = tokio::time::timeout(upstream_timeout, gw.client.request(Request::from_parts(parts, body))).await;
     out.upstream_time = Some(sent.elapsed());
     let resp = result
         .map_err(|_| Rejection::UpstreamTimeout(upstream_timeout))?

@@ -53,10 +53,6 @@ pub struct Settings {
     /// Most open client connections; more wait in the listen backlog [default: 10000]
     #[arg(long, env = "FLAGGATE_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<String>,
-    /// Proxy worker threads, each serving its share of connections with its own upstream pool; `auto`
-    /// is one per available core (cgroup CPU quotas included) [default: auto]
-    #[arg(long, env = "FLAGGATE_PROXY_WORKERS", value_name = "N|auto")]
-    pub proxy_workers: Option<String>,
     /// Largest request head (request line + headers); larger → 431 [default: 16KiB]
     #[arg(long, env = "FLAGGATE_MAX_HEADER_BYTES", value_name = "SIZE")]
     pub max_header_bytes: Option<String>,
@@ -310,16 +306,6 @@ impl Settings {
                 Some("10000"),
                 parse_count,
             )?),
-            proxy_workers: must(l.pick(
-                "proxy_workers",
-                &self.proxy_workers,
-                &file.proxy_workers,
-                Some("auto"),
-                |v| match v.trim() {
-                    "auto" => Ok(crate::proxy::workers::default_count()),
-                    n => parse_count(n).map_err(|e| format!("{e} or `auto`")),
-                },
-            )?),
             max_header_bytes: must(l.pick(
                 "max_header_bytes",
                 &self.max_header_bytes,
@@ -523,31 +509,6 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("--listen / FLAGGATE_LISTEN"));
-    }
-
-    #[test]
-    fn proxy_workers_is_auto_by_default_a_positive_count_otherwise() {
-        let (_d, s) = with_file("token_file = \"t\"\n");
-        assert_eq!(
-            s.resolve().unwrap().0.proxy_workers,
-            crate::proxy::workers::default_count()
-        );
-        let (_d, s) = with_file("token_file = \"t\"\nproxy_workers = 3\n");
-        assert_eq!(s.resolve().unwrap().0.proxy_workers, 3);
-        let s = Settings {
-            token_file: Some("t".into()),
-            proxy_workers: Some("auto".into()),
-            ..Settings::default()
-        };
-        assert_eq!(
-            s.resolve().unwrap().0.proxy_workers,
-            crate::proxy::workers::default_count()
-        );
-        for bad in ["0", "-2", "many"] {
-            let (_d, s) = with_file(&format!("token_file = \"t\"\nproxy_workers = \"{bad}\"\n"));
-            let err = s.resolve().unwrap_err().to_string();
-            assert!(err.contains("`proxy_workers`") && err.contains("or `auto`"), "{err}");
-        }
     }
 
     #[test]

@@ -16,10 +16,9 @@ use std::time::Duration;
 
 pub type UpstreamClient = Client<HttpsConnector<CountingConnector>, DownstreamBody>;
 
-/// One keep-alive pool per proxy worker thread, sized for SDK fan-in: many short requests to one host.
-/// `https://` upstreams are verified against the platform roots plus `--upstream-ca`; there is no "skip
-/// verification".
-pub fn build_clients(cfg: &Config, open_gauge: prometheus::IntGauge) -> Result<Vec<UpstreamClient>, TlsError> {
+/// Keep-alive pool sized for SDK fan-in: many short requests to one host. `https://` upstreams are
+/// verified against the platform roots plus `--upstream-ca`; there is no "skip verification".
+pub fn build_client(cfg: &Config, open_gauge: prometheus::IntGauge) -> Result<UpstreamClient, TlsError> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(cfg.upstream_connect_timeout));
@@ -34,14 +33,11 @@ pub fn build_clients(cfg: &Config, open_gauge: prometheus::IntGauge) -> Result<V
         .https_or_http()
         .enable_http1()
         .wrap_connector(CountingConnector::new(connector, open_gauge));
-    let client = || {
-        Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(512)
-            .build(https.clone())
-    };
-    Ok((0..cfg.proxy_workers.max(1)).map(|_| client()).collect())
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(512)
+        .build(https))
 }
 
 /// `upstream + canonical path + untouched query`: the authorized path, byte for byte.

@@ -2,7 +2,6 @@
 //! per connection for header-read and idle timeouts, a cap on open connections, and the drain on stop.
 
 use super::conn::{Activity, Expiry, Watched};
-use super::workers::Workers;
 use super::{handle, ConnCtx, Gateway};
 use crate::config::Config;
 use hyper::service::service_fn;
@@ -83,14 +82,6 @@ pub struct ServeOpts {
 pub async fn serve_proxy(listener: TcpListener, gw: Arc<Gateway>, opts: ServeOpts, mut stop: watch::Receiver<bool>) {
     let permits = Arc::new(Semaphore::new(opts.max_connections.max(1)));
     let mut conns = JoinSet::new();
-    // Connections are served on the worker threads; without them (threads refused by the OS) on this
-    // runtime, which works the same, only slower.
-    let workers = Workers::start(gw.workers())
-        .await
-        .inspect_err(
-            |e| tracing::error!(error = %e, "could not start the proxy worker threads; serving on the main runtime"),
-        )
-        .ok();
     loop {
         while conns.try_join_next().is_some() {}
         // At the cap, stop accepting: new clients wait in the kernel's backlog instead of being refused.
@@ -114,35 +105,17 @@ pub async fn serve_proxy(listener: TcpListener, gw: Arc<Gateway>, opts: ServeOpt
         let gw = gw.clone();
         let stop = stop.clone();
         let tls = opts.tls.clone();
-        let assigned = workers.as_ref().and_then(Workers::assign);
-        let worker = assigned.as_ref().map_or(0, |a| a.index);
-        let handle = assigned.as_ref().map(|a| a.handle.clone());
-        // The socket moves to the worker's own I/O driver.
-        let stream = match &assigned {
-            None => Conn::Here(stream),
-            Some(_) => match stream.into_std() {
-                Ok(s) => Conn::Moved(s),
-                Err(e) => {
-                    tracing::warn!(error = %e, %peer, "could not hand the connection to a worker");
-                    continue;
-                }
-            },
-        };
-        let serve = async move {
-            let stream = match stream.into_tokio() {
-                Ok(s) => s,
-                Err(e) => return tracing::warn!(error = %e, %peer, "could not register the connection"),
-            };
+        conns.spawn(async move {
             let open = gw.metrics.connections.with_label_values(&["proxy"]);
             open.inc();
             match tls {
-                None => serve_conn(stream, peer, "http", worker, gw, stop).await,
+                None => serve_conn(stream, peer, "http", gw, stop).await,
                 // The handshake gets the request head's time limit: a client that stalls in it would
                 // otherwise hold a connection slot forever (a slowloris one layer down).
                 Some(acceptor) => {
                     let limit = gw.live.load().conn.header_read_timeout;
                     match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-                        Ok(Ok(tls_stream)) => serve_conn(tls_stream, peer, "https", worker, gw, stop).await,
+                        Ok(Ok(tls_stream)) => serve_conn(tls_stream, peer, "https", gw, stop).await,
                         Ok(Err(e)) => tracing::debug!(error = %e, %peer, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake not completed in time: closing (slow client)"),
                     }
@@ -150,12 +123,7 @@ pub async fn serve_proxy(listener: TcpListener, gw: Arc<Gateway>, opts: ServeOpt
             }
             open.dec();
             drop(permit);
-            drop(assigned);
-        };
-        match handle {
-            Some(handle) => conns.spawn_on(serve, &handle),
-            None => conns.spawn(serve),
-        };
+        });
     }
     drop(listener);
     let drained = tokio::time::timeout(opts.shutdown_grace, async {
@@ -169,23 +137,6 @@ pub async fn serve_proxy(listener: TcpListener, gw: Arc<Gateway>, opts: ServeOpt
         );
         conns.shutdown().await;
     }
-    drop(workers);
-}
-
-/// An accepted socket, still on this runtime's driver or detached for a worker's.
-enum Conn {
-    Here(tokio::net::TcpStream),
-    Moved(std::net::TcpStream),
-}
-
-impl Conn {
-    /// Called on the runtime that will serve the connection.
-    fn into_tokio(self) -> std::io::Result<tokio::net::TcpStream> {
-        match self {
-            Conn::Here(s) => Ok(s),
-            Conn::Moved(s) => tokio::net::TcpStream::from_std(s),
-        }
-    }
 }
 
 /// One client connection, HTTP/1.1 or HTTP/2, under its watchdog.
@@ -193,7 +144,6 @@ async fn serve_conn<S>(
     stream: S,
     peer: std::net::SocketAddr,
     proto: &'static str,
-    worker: usize,
     gw: Arc<Gateway>,
     mut stop: watch::Receiver<bool>,
 ) where
@@ -207,7 +157,6 @@ async fn serve_conn<S>(
         proto,
         activity: Some(activity.clone()),
         stop: Some(stop.clone()),
-        worker,
     };
     let svc = service_fn(move |req| handle(gw.clone(), req, ctx.clone()));
     let io = TokioIo::new(Watched {

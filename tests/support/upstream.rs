@@ -27,8 +27,6 @@ pub struct Recorded {
     pub version: Version,
     pub headers: HeaderMap,
     pub body: Bytes,
-    /// The connection it came on (the gateway's end of it).
-    pub peer: std::net::SocketAddr,
 }
 
 impl Recorded {
@@ -63,7 +61,7 @@ impl Builder {
         let s = seen.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, peer)) = listener.accept().await else {
+                let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let seen = s.clone();
@@ -85,7 +83,6 @@ impl Builder {
                                 version: parts.version,
                                 headers: parts.headers,
                                 body,
-                                peer,
                             };
                             seen.lock().unwrap().push(rec.clone());
                             let resp = routes

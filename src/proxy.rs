@@ -170,6 +170,7 @@ pub async fn handle(
     if let Some(a) = &ctx.activity {
         a.begin();
     }
+    let h2 = req.version() == Version::HTTP_2;
     let started = Instant::now();
     gw.metrics.inflight.inc();
     let _inflight = InFlight(&gw.metrics.inflight);
@@ -252,7 +253,8 @@ pub async fn handle(
         }),
         _ => None,
     };
-    Ok(resp.map(|b| LoggedBody::new(b, rec, ctx.activity, guards)))
+    let clock = ctx.activity.as_ref().filter(|_| h2).map(|a| a.stream_clock());
+    Ok(resp.map(|b| LoggedBody::new(b, rec, ctx.activity, clock, guards)))
 }
 
 async fn run_phases(

@@ -134,6 +134,84 @@ async fn a_client_that_stops_reading_its_response_is_cut_at_the_idle_timeout() {
     assert!(got.len() > BIG, "a reading client was cut after {} bytes", got.len());
 }
 
+/// An HTTP/2 client on `addr` whose streams get only `window` bytes until it reads (hyper's client
+/// grants more as the body is polled).
+async fn h2_client(
+    addr: std::net::SocketAddr,
+    window: u32,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .initial_stream_window_size(window)
+        .handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    (
+        send,
+        tokio::spawn(async move {
+            let _ = conn.await;
+        }),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_stream_whose_client_stops_granting_window_is_cut_at_the_idle_timeout() {
+    use http_body_util::BodyExt;
+    // With HTTP/2 the socket never fills: the client just stops granting flow-control window for one
+    // stream (answering pings all the while), and the stream, with the upstream connection behind it,
+    // would be held for good.
+    const BIG: usize = 1 << 20;
+    let big = format!("\"{}\"", "x".repeat(BIG));
+    let up = upstream().route("*", move |_| ok_json(&big)).run().await;
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .settings(|s| s.idle_timeout = Some("1s".into()))
+        .start()
+        .await;
+    let request = || {
+        http::Request::get(format!("http://{}/api/client/features", gw.addr))
+            .header("authorization", CLIENT)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+
+    // Takes the head, then never reads: the stream's 16 KiB window stays used up.
+    let (mut send, conn) = h2_client(gw.addr, 16 << 10).await;
+    let resp = send.send_request(request()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let stalled = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(6), conn).await;
+    assert!(
+        closed.is_ok(),
+        "a stream that stopped taking its response was kept for 6 s"
+    );
+    let took = stalled.elapsed();
+    assert!(took >= Duration::from_millis(900), "cut too early: {took:?}");
+    let got = resp.into_body().collect().await;
+    assert!(got.is_err(), "the whole response was delivered after the stall");
+
+    // A client that reads slowly but steadily (16 KiB every 300 ms, well past the idle timeout) is not
+    // cut, and then gets the rest at full speed.
+    let (mut send, _conn) = h2_client(gw.addr, 16 << 10).await;
+    let mut body = send.send_request(request()).await.unwrap().into_body();
+    let mut read = 0;
+    let slow_until = Instant::now() + Duration::from_millis(2500);
+    while let Some(frame) = body.frame().await {
+        read += frame
+            .expect("a steady reader was cut")
+            .into_data()
+            .map_or(0, |d| d.len());
+        if Instant::now() < slow_until {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    assert_eq!(read, BIG + 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_body_that_stops_arriving_gets_408_while_a_slow_steady_one_is_served() {
     let up = upstream().route("*", |_| ok_json("{}")).run().await;

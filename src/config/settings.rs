@@ -47,7 +47,7 @@ pub struct Settings {
     #[arg(long, env = "FLAGGATE_HEADER_READ_TIMEOUT", value_name = "DURATION")]
     pub header_read_timeout: Option<String>,
     /// Idle keep-alive connections are closed after this, and so is a client that stops reading its
-    /// response for as long [default: 75s]
+    /// response for as long (on HTTP/2: takes less than 16 KiB of a stream's response) [default: 75s]
     #[arg(long, env = "FLAGGATE_IDLE_TIMEOUT", value_name = "DURATION")]
     pub idle_timeout: Option<String>,
     /// Most open client connections; more wait in the listen backlog [default: 10000]

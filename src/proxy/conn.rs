@@ -3,10 +3,13 @@
 //! timeout (nothing at all), without hyper's own header timer, which also runs while a keep-alive
 //! connection is simply idle and so would cut SDK connections between polls. While a request is being
 //! served, the one client stall left is a client that stops reading its response: the same idle timeout
-//! applies to a write that stays blocked.
+//! applies to a write that stays blocked, and, on HTTP/2, where a client stalls one stream by granting
+//! no flow-control window while the socket stays writable, to a chunk of a response the client has not
+//! taken (see [`StreamClock`]).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -21,7 +24,42 @@ pub struct Activity {
     inflight: AtomicU32,
     /// Millisecond + 1 at which a write to the client found its socket full, 0 while writes go through.
     write_blocked: AtomicU64,
+    /// HTTP/2 only: the clocks of the streams served on this connection (dead ones pruned as we go).
+    /// Locked once per stream and by the watchdog's tick, never per frame.
+    streams: Mutex<Vec<Weak<StreamClock>>>,
     epoch: Instant,
+}
+
+/// One HTTP/2 response stream: when it handed the connection a chunk that the client has not yet taken.
+/// hyper polls a response body again only once the stream has flow-control window, so a chunk that
+/// stays handed means the client stopped granting window; chunks are at most [`STREAM_CHUNK`] long,
+/// which makes "no chunk taken for the idle timeout" mean "less than 16 KiB taken in that time".
+pub struct StreamClock {
+    epoch: Instant,
+    /// Millisecond + 1 since `epoch` at which the chunk was handed, 0 once it was taken.
+    handed: AtomicU64,
+}
+
+/// The largest chunk an HTTP/2 response body hands over at once (one frame at the default frame size).
+pub const STREAM_CHUNK: usize = 16 * 1024;
+
+impl StreamClock {
+    pub fn handed(&self) {
+        self.handed
+            .store(self.epoch.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+    }
+
+    /// Polled again: the client made room for the last chunk.
+    pub fn taken(&self) {
+        if self.handed.load(Ordering::Relaxed) != 0 {
+            self.handed.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn stalled(&self, now_ms: u64, limit_ms: u64) -> bool {
+        let h = self.handed.load(Ordering::Relaxed);
+        h != 0 && now_ms + 1 >= h + limit_ms
+    }
 }
 
 /// What the watchdog should do now.
@@ -50,6 +88,7 @@ impl Activity {
             state: AtomicU64::new(IDLE << 62),
             inflight: AtomicU32::new(0),
             write_blocked: AtomicU64::new(0),
+            streams: Mutex::new(Vec::new()),
             epoch: Instant::now(),
         }
     }
@@ -100,6 +139,22 @@ impl Activity {
         }
     }
 
+    /// A clock for one HTTP/2 response stream, watched by [`Activity::check`] while the connection is busy.
+    pub fn stream_clock(&self) -> Arc<StreamClock> {
+        let clock = Arc::new(StreamClock {
+            epoch: self.epoch,
+            handed: AtomicU64::new(0),
+        });
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        // The watchdog prunes on every tick; this keeps a burst of short streams between ticks bounded
+        // too, at amortised O(1) however many streams are open.
+        if streams.len() >= 64 && streams.len().is_power_of_two() {
+            streams.retain(|w| w.strong_count() > 0);
+        }
+        streams.push(Arc::downgrade(&clock));
+        clock
+    }
+
     pub fn check(&self, header_timeout: Duration, idle_timeout: Duration) -> Expiry {
         let s = self.state.load(Ordering::Acquire);
         let since = self.epoch + Duration::from_millis(s & ((1 << 62) - 1));
@@ -116,12 +171,28 @@ impl Activity {
         }
     }
 
-    /// While busy, the idle timeout runs only for a write that stays blocked.
+    /// While busy, the idle timeout runs only for a write that stays blocked or an HTTP/2 stream whose
+    /// client has not taken its last chunk.
     fn check_write(&self, limit: Duration) -> Expiry {
-        match self.write_blocked.load(Ordering::Relaxed) {
-            0 => Expiry::Busy,
-            ms if Instant::now() >= self.epoch + Duration::from_millis(ms - 1) + limit => Expiry::WriteTimeout,
-            _ => Expiry::Busy,
+        let now_ms = self.now_ms();
+        let limit_ms = limit.as_millis() as u64;
+        let blocked = self.write_blocked.load(Ordering::Relaxed);
+        if blocked != 0 && now_ms + 1 >= blocked + limit_ms {
+            return Expiry::WriteTimeout;
+        }
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stalled = false;
+        streams.retain(|w| match w.upgrade() {
+            Some(c) => {
+                stalled |= c.stalled(now_ms, limit_ms);
+                true
+            }
+            None => false,
+        });
+        if stalled {
+            Expiry::WriteTimeout
+        } else {
+            Expiry::Busy
         }
     }
 }
@@ -206,5 +277,29 @@ mod tests {
         );
         a.on_write(false);
         assert_eq!(a.check(h, i), Expiry::Busy, "the client read again");
+    }
+
+    #[test]
+    fn an_h2_chunk_not_taken_expires_a_busy_connection_until_it_is_taken_or_its_stream_ends() {
+        let a = Activity::new();
+        let (h, i) = (Duration::from_secs(10), Duration::ZERO);
+        a.begin();
+        let quiet = a.stream_clock();
+        let clock = a.stream_clock();
+        assert_eq!(a.check(h, i), Expiry::Busy, "nothing handed yet");
+        clock.handed();
+        assert_eq!(a.check(h, i), Expiry::WriteTimeout);
+        assert_eq!(
+            a.check(h, Duration::from_secs(60)),
+            Expiry::Busy,
+            "not before the limit"
+        );
+        clock.taken();
+        assert_eq!(a.check(h, i), Expiry::Busy, "the client took it");
+        clock.handed();
+        drop(clock);
+        assert_eq!(a.check(h, i), Expiry::Busy, "the stream is gone");
+        assert_eq!(a.streams.lock().unwrap().len(), 1, "dead clocks are pruned");
+        drop(quiet);
     }
 }

@@ -1,7 +1,7 @@
 //! Phase 6, record: metrics at response-head time, and one access-log line when the response body is
 //! finished (or abandoned), so the line carries the real byte count even for streams.
 
-use super::conn::Activity;
+use super::conn::{Activity, StreamClock, STREAM_CHUNK};
 use super::ProxyBody;
 use crate::error::Decision;
 use crate::token::{Fingerprint, TokenKind};
@@ -64,6 +64,10 @@ pub struct LoggedBody {
     bytes: u64,
     record: Option<Box<Record>>,
     activity: Option<Arc<Activity>>,
+    /// HTTP/2 only: tells the connection's watchdog whether the client is taking this stream's chunks.
+    clock: Option<Arc<StreamClock>>,
+    /// HTTP/2 only: what is left of a frame longer than [`STREAM_CHUNK`], handed out a chunk at a time.
+    rest: Bytes,
     /// Event streams only: resolves at shutdown, when the stream is ended cleanly.
     stop: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
     /// Event streams only: a stream on which nothing arrives for this long is ended (clients reconnect).
@@ -81,6 +85,7 @@ impl LoggedBody {
         inner: ProxyBody,
         record: Record,
         activity: Option<Arc<Activity>>,
+        clock: Option<Arc<StreamClock>>,
         stream: Option<StreamGuards>,
     ) -> LoggedBody {
         let (stop, idle) = match stream {
@@ -92,6 +97,8 @@ impl LoggedBody {
             bytes: 0,
             record: Some(Box::new(record)),
             activity,
+            clock,
+            rest: Bytes::new(),
             stop: stop.map(|mut rx| {
                 Box::pin(async move { super::server::stopped(&mut rx).await })
                     as Pin<Box<dyn Future<Output = ()> + Send + Sync>>
@@ -116,6 +123,13 @@ impl Body for LoggedBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
+        if let Some(clock) = &this.clock {
+            clock.taken();
+            if !this.rest.is_empty() {
+                let chunk = this.next_chunk();
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            }
+        }
         if let Some(stop) = &mut this.stop {
             if stop.as_mut().poll(cx).is_ready() {
                 // Shutdown: end the event stream at a frame boundary, as a normal end of body.
@@ -134,28 +148,61 @@ impl Body for LoggedBody {
             http_body_util::Either::Left(b) => Pin::new(b).poll_frame(cx),
             http_body_util::Either::Right(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
         };
-        match &polled {
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    this.bytes += d.len() as u64;
-                }
                 if let Some((idle, timer)) = &mut this.idle {
                     timer.as_mut().reset(tokio::time::Instant::now() + *idle);
                 }
+                match frame.into_data() {
+                    Ok(data) if this.clock.is_some() => {
+                        this.rest = data;
+                        Poll::Ready(Some(Ok(Frame::data(this.next_chunk()))))
+                    }
+                    Ok(data) => {
+                        this.bytes += data.len() as u64;
+                        Poll::Ready(Some(Ok(Frame::data(data))))
+                    }
+                    Err(trailers) => Poll::Ready(Some(Ok(trailers))),
+                }
             }
-            Poll::Ready(None) => this.finish(true),
-            Poll::Ready(Some(Err(_))) => this.finish(false),
-            Poll::Pending => {}
+            Poll::Ready(None) => {
+                this.finish(true);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish(false);
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Pending => Poll::Pending,
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + rest);
+        }
+        hint
+    }
+}
+
+impl LoggedBody {
+    /// HTTP/2: the next chunk of `rest`, started on the stream's clock.
+    fn next_chunk(&mut self) -> Bytes {
+        let n = self.rest.len().min(STREAM_CHUNK);
+        let chunk = self.rest.split_to(n);
+        self.bytes += n as u64;
+        if let Some(clock) = &self.clock {
+            clock.handed();
+        }
+        chunk
     }
 }
 

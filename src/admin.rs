@@ -14,6 +14,10 @@ use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// Open connections the admin listener serves at once. Probes and scrapes need a handful; the cap
+/// only keeps a flood on this port from using up file descriptors the proxy port needs.
+pub const MAX_CONNECTIONS: usize = 256;
+
 pub struct AdminState {
     pub store: Arc<TokenStore>,
     pub metrics: Arc<Metrics>,

@@ -169,6 +169,7 @@ pub async fn start(cfg: Config, settings: Option<Settings>) -> Result<Running, S
     let admin_task = tokio::spawn(serve_simple(
         admin_listener,
         move |req| admin::handle(a.clone(), req),
+        admin::MAX_CONNECTIONS,
         admin_stop_rx,
     ));
 

@@ -10,6 +10,8 @@ use serde_json::json;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
+/// Connections the sample flag server takes at once: the gateway's upstream pool, and anyone poking it.
+pub const UPSTREAM_MAX_CONNECTIONS: usize = 1024;
 pub const DEMO_TOKENS_PATH: &str = "config/demo-tokens.yaml";
 pub const DEMO_TOKENS: &str = include_str!("../config/demo-tokens.yaml");
 

@@ -292,6 +292,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
         tokio::spawn(flaggate::proxy::server::serve_simple(
             upstream,
             flaggate::demo::sample_upstream,
+            flaggate::demo::UPSTREAM_MAX_CONNECTIONS,
             stop_rx,
         ));
         tracing::info!(addr = %upstream_addr, "DEMO upstream started: a built-in sample flag server, not Unleash");

@@ -204,20 +204,32 @@ async fn serve_conn<S>(
     }
 }
 
-/// A minimal loop for small internal servers (admin listener, demo upstream).
-pub async fn serve_simple<F, Fut>(listener: TcpListener, handler: F, mut stop: watch::Receiver<bool>)
-where
+/// A minimal loop for small internal servers (admin listener, demo upstream): HTTP/1.1 only (probes and
+/// scrapes speak it; an h2c connection would have no idle timeout here), hyper's 10 s header timer (which
+/// also closes idle keep-alive connections), and at most `max_connections` open, so a flood on an
+/// internal port cannot use up the file descriptors the proxy port needs.
+pub async fn serve_simple<F, Fut>(
+    listener: TcpListener,
+    handler: F,
+    max_connections: usize,
+    mut stop: watch::Receiver<bool>,
+) where
     F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<http::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible>>
         + Send
         + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10));
+    let permits = Arc::new(Semaphore::new(max_connections.max(1)));
     loop {
+        // At the cap, stop accepting, as the proxy listener does: the kernel's backlog holds the rest.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = stopped(&mut stop) => break,
+        };
         let (stream, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -228,12 +240,59 @@ where
             },
             _ = stopped(&mut stop) => break,
         };
-        let h = handler.clone();
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service_fn(h))
-            .into_owned();
+        let conn = builder.serve_connection(TokioIo::new(stream), service_fn(handler.clone()));
         tokio::spawn(async move {
             let _ = conn.await;
+            drop(permit);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    async fn ok(
+        _: http::Request<hyper::body::Incoming>,
+    ) -> Result<http::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
+        Ok(http::Response::new(http_body_util::Full::new(
+            bytes::Bytes::from_static(b"ok"),
+        )))
+    }
+
+    async fn get(s: &mut TcpStream) -> tokio::io::Result<String> {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn an_internal_listener_serves_at_most_its_connection_cap_and_then_the_next_in_line() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_stop, stop_rx) = watch::channel(false);
+        tokio::spawn(serve_simple(listener, ok, 2, stop_rx));
+
+        let idle = [
+            TcpStream::connect(addr).await.unwrap(),
+            TcpStream::connect(addr).await.unwrap(),
+        ];
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        let waiting = tokio::time::timeout(Duration::from_millis(500), get(&mut third)).await;
+        assert!(
+            waiting.is_err(),
+            "a third connection was served beyond the cap of 2: {waiting:?}"
+        );
+
+        drop(idle);
+        let reply = tokio::time::timeout(Duration::from_secs(5), get(&mut third))
+            .await
+            .expect("not served once a slot was free")
+            .unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     }
 }

@@ -5,9 +5,11 @@
 use crate::config::LogFormat;
 use crate::token::store::TokenStore;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
+use std::sync::{Mutex, OnceLock};
+use tracing_appender::non_blocking::ErrorCounter;
 
 pub struct Metrics {
     pub registry: Registry,
@@ -29,6 +31,9 @@ pub struct Metrics {
     pub ready: IntGauge,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: IntGauge,
+    log_lines_dropped: IntCounter,
+    /// How many dropped lines `log_lines_dropped` already counts (scrapes may run concurrently).
+    log_drops_seen: Mutex<u64>,
     known_apps: arc_swap::ArcSwap<std::collections::HashSet<Box<str>>>,
 }
 
@@ -150,6 +155,10 @@ impl Metrics {
             "1 if the last configuration reload applied (or none was tried), 0 if it was rejected",
         ));
         config_last_reload_success.set(1);
+        let log_lines_dropped = must(IntCounter::new(
+            "flaggate_log_lines_dropped_total",
+            "Log lines (access log included) dropped because the log writer fell 64k lines behind stderr",
+        ));
         let build_info = must(IntGaugeVec::new(
             Opts::new("flaggate_build_info", "Build information; always 1"),
             &["version"],
@@ -174,6 +183,7 @@ impl Metrics {
             Box::new(ready.clone()),
             Box::new(config_reloads.clone()),
             Box::new(config_last_reload_success.clone()),
+            Box::new(log_lines_dropped.clone()),
             Box::new(build_info),
         ] {
             must(registry.register(c));
@@ -205,6 +215,8 @@ impl Metrics {
             ready,
             config_reloads,
             config_last_reload_success,
+            log_lines_dropped,
+            log_drops_seen: Mutex::new(0),
             known_apps: Default::default(),
         };
         // Label sets known in advance are exported at 0 from the start, so dashboards and alerts see
@@ -257,6 +269,7 @@ impl Metrics {
     pub fn render(&self, store: &TokenStore, sync_age: Option<f64>, ready: bool) -> Vec<u8> {
         self.token_sync_age.set(sync_age.unwrap_or(-1.0));
         self.ready.set(i64::from(ready));
+        self.count_log_drops(LOG_DROPS.get());
         self.tokens.reset();
         for (kind, source, n) in store.counts() {
             self.tokens
@@ -267,7 +280,22 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
+
+    /// Brings `flaggate_log_lines_dropped_total` up to the log writer's own count, which only it can
+    /// keep: a dropped line never reaches us.
+    fn count_log_drops(&self, writer: Option<&ErrorCounter>) {
+        let Some(writer) = writer else { return };
+        let mut seen = self.log_drops_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let now = writer.dropped_lines() as u64;
+        if now > *seen {
+            self.log_lines_dropped.inc_by(now - *seen);
+            *seen = now;
+        }
+    }
 }
+
+/// The log writer's count of dropped lines, for `/metrics`.
+static LOG_DROPS: OnceLock<ErrorCounter> = OnceLock::new();
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -318,13 +346,15 @@ pub fn set_log_level(level: Option<&str>) {
 /// Installs the global subscriber: filter from `level` or `RUST_LOG` (default `info`), json or pretty.
 /// Lines are handed to a writer thread, so a slow stderr (a full pipe, a slow log shipper) never stalls
 /// a request; if it falls 64k lines behind, lines are dropped rather than requests delayed. Keep the
-/// returned guard alive: dropping it flushes what is queued.
+/// returned guard alive: dropping it flushes what is queued. Dropped lines are counted in
+/// `flaggate_log_lines_dropped_total`.
 pub fn init_logging(format: LogFormat, level: Option<&str>) -> tracing_appender::non_blocking::WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(64 * 1024)
         .thread_name("flaggate-log")
         .finish(std::io::stderr());
+    let _ = LOG_DROPS.set(writer.error_counter());
     init_logging_to(format, level, writer);
     guard
 }
@@ -350,5 +380,63 @@ where
     };
     if Registry::default().with(filter).with(output).try_init().is_ok() {
         let _ = FILTER.set(handle);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A log sink that takes nothing until the test lets go: a full pipe, a stuck log shipper.
+    struct Stuck(std::sync::mpsc::Receiver<()>);
+
+    impl Write for Stuck {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.recv();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn dropped_total(m: &Metrics) -> f64 {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&m.registry.gather(), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("flaggate_log_lines_dropped_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no flaggate_log_lines_dropped_total in\n{text}"))
+    }
+
+    #[test]
+    fn log_lines_dropped_behind_a_stuck_sink_are_counted_once_per_line() {
+        let (release, rx) = std::sync::mpsc::channel();
+        let (mut writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .lossy(true)
+            .buffered_lines_limit(2)
+            .finish(Stuck(rx));
+        let m = Metrics::new();
+        assert_eq!(dropped_total(&m), 0.0, "exported from the start");
+        for _ in 0..20 {
+            writer.write_all(b"{\"line\":1}\n").unwrap();
+        }
+        let counter = writer.error_counter();
+        let dropped = counter.dropped_lines();
+        assert!(
+            dropped >= 16,
+            "only {dropped} of 20 lines dropped behind a 2-line queue"
+        );
+        m.count_log_drops(Some(&counter));
+        m.count_log_drops(Some(&counter));
+        assert_eq!(
+            dropped_total(&m),
+            dropped as f64,
+            "a second scrape counts nothing twice"
+        );
+        drop(release);
+        drop(guard);
     }
 }

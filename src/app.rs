@@ -287,6 +287,10 @@ impl Reloader {
                 new.upstream_connect_timeout != self.current.upstream_connect_timeout,
             ),
             ("max_connections", new.max_connections != self.current.max_connections),
+            (
+                "upstream_max_inflight",
+                new.upstream_max_inflight != self.current.upstream_max_inflight,
+            ),
             ("shutdown_grace", new.shutdown_grace != self.current.shutdown_grace),
             ("log_format", new.log_format != self.current.log_format),
         ];

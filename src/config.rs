@@ -93,6 +93,7 @@ pub struct Config {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    pub upstream_max_inflight: usize,
     pub max_header_bytes: usize,
     pub max_request_body: u64,
     pub h2_max_streams: u32,
@@ -144,6 +145,8 @@ pub(crate) struct FileSettings {
     pub idle_timeout: Option<String>,
     #[serde(default, deserialize_with = "scalar")]
     pub max_connections: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
+    pub upstream_max_inflight: Option<String>,
     #[serde(default, deserialize_with = "scalar")]
     pub max_header_bytes: Option<String>,
     #[serde(default, deserialize_with = "scalar")]

@@ -77,6 +77,10 @@ pub enum Rejection {
     UpstreamTimeout(std::time::Duration),
     #[error("upstream failed: {0}")]
     UpstreamFailed(String),
+    /// Every upstream slot (`upstream_max_inflight`) stayed taken for the connect timeout: Unleash is
+    /// slower than the traffic, or held by event streams.
+    #[error("all {0} upstream slots busy")]
+    UpstreamSaturated(usize),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -118,6 +122,7 @@ impl Rejection {
             Rejection::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Rejection::UpstreamConnect(_) | Rejection::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
             Rejection::UpstreamTimeout(_) | Rejection::UpstreamConnectTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Rejection::UpstreamSaturated(_) => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -127,7 +132,8 @@ impl Rejection {
             Rejection::UpstreamConnect(_)
             | Rejection::UpstreamConnectTimeout(_)
             | Rejection::UpstreamTimeout(_)
-            | Rejection::UpstreamFailed(_) => Blame::Upstream,
+            | Rejection::UpstreamFailed(_)
+            | Rejection::UpstreamSaturated(_) => Blame::Upstream,
             Rejection::Internal(_) => Blame::Gateway,
             _ => Blame::Downstream,
         }
@@ -149,7 +155,8 @@ impl Rejection {
             Rejection::UpstreamConnect(_)
             | Rejection::UpstreamConnectTimeout(_)
             | Rejection::UpstreamTimeout(_)
-            | Rejection::UpstreamFailed(_) => Decision::UpstreamError,
+            | Rejection::UpstreamFailed(_)
+            | Rejection::UpstreamSaturated(_) => Decision::UpstreamError,
             Rejection::Internal(_) => Decision::UpstreamError,
         }
     }
@@ -174,6 +181,7 @@ impl Rejection {
             Rejection::UpstreamConnect(_) => "upstream_unreachable",
             Rejection::UpstreamTimeout(_) | Rejection::UpstreamConnectTimeout(_) => "upstream_timeout",
             Rejection::UpstreamFailed(_) => "upstream_failed",
+            Rejection::UpstreamSaturated(_) => "upstream_saturated",
             Rejection::Internal(_) => "internal",
         }
     }
@@ -205,6 +213,9 @@ impl Rejection {
             Rejection::UpstreamFailed(_) => {
                 json!({ "message": "The flag server connection failed.", "code": code })
             }
+            Rejection::UpstreamSaturated(_) => {
+                json!({ "message": "The flag server is busy; retry shortly.", "code": code })
+            }
             Rejection::Internal(_) => json!({ "message": "Internal gateway error.", "code": code }),
             _ => json!({ "message": self.to_string(), "code": code }),
         }
@@ -222,6 +233,10 @@ impl Rejection {
                 let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                 r.headers_mut()
                     .insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
+            Rejection::UpstreamSaturated(_) => {
+                r.headers_mut()
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }

@@ -49,6 +49,7 @@ pub struct Gateway {
     pub store: Arc<TokenStore>,
     pub metrics: Arc<Metrics>,
     client: UpstreamClient,
+    slots: Arc<forward::Slots>,
     upstream: Upstream,
     unleash: Option<UnleashMode>,
     /// Route class of requests refused before routing (`none`), shared instead of allocated each time.
@@ -127,8 +128,14 @@ impl Gateway {
         metrics: Arc<Metrics>,
         unleash: Option<UnleashMode>,
     ) -> Result<Gateway, crate::tls::TlsError> {
+        let slots = Arc::new(forward::Slots::new(
+            cfg.upstream_max_inflight,
+            cfg.upstream_connect_timeout,
+        ));
+        metrics.watch_upstream_slots(slots.clone());
         Ok(Gateway {
             client: forward::build_client(cfg, metrics.upstream_connections.clone())?,
+            slots,
             unleash,
             live: ArcSwap::from_pointee(Live::from_config(cfg)),
             store,
@@ -147,6 +154,8 @@ struct Outcome {
     token: Option<(Fingerprint, Option<TokenKind>)>,
     upstream_time: Option<Duration>,
     path: Option<String>,
+    /// The upstream slot this request holds, passed on to its response body.
+    slot: Option<forward::Slot>,
 }
 
 /// Bounded app-name label values: the first [`APP_LABEL_CAP`] names seen, then `other`.
@@ -187,6 +196,7 @@ pub async fn handle(
         token: None,
         upstream_time: None,
         path: None,
+        slot: None,
     };
     let result = run_phases(&gw, req, &ctx, request_id.clone(), &mut out).await;
     let (mut resp, decision, rejection) = match result {
@@ -254,7 +264,7 @@ pub async fn handle(
         _ => None,
     };
     let clock = ctx.activity.as_ref().filter(|_| h2).map(|a| a.stream_clock());
-    Ok(resp.map(|b| LoggedBody::new(b, rec, ctx.activity, clock, guards)))
+    Ok(resp.map(|b| LoggedBody::new(b, rec, ctx.activity, clock, out.slot, guards)))
 }
 
 async fn run_phases(
@@ -348,6 +358,10 @@ async fn run_phases(
     let body = body::DownstreamBody::new(body, limit, live.conn.header_read_timeout, fault.clone());
     let upstream_timeout = live.upstream_timeout;
     drop(live);
+    // Queueing for a slot counts as upstream time: it is Unleash's pace that makes requests wait.
+    let slot = gw.slots.take().await;
+    out.upstream_time = Some(sent.elapsed());
+    out.slot = Some(slot?);
     let result = tokio::time::timeout(upstream_timeout, gw.client.request(Request::from_parts(parts, body))).await;
     out.upstream_time = Some(sent.elapsed());
     let resp = result

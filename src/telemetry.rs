@@ -28,6 +28,10 @@ pub struct Metrics {
     pub sdk_requests: IntCounterVec,
     pub connections: IntGaugeVec,
     pub upstream_connections: IntGauge,
+    upstream_inflight: IntGauge,
+    upstream_max_inflight: IntGauge,
+    /// The gateway's upstream slots, read at scrape time.
+    upstream_slots: OnceLock<std::sync::Arc<crate::proxy::forward::Slots>>,
     pub ready: IntGauge,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: IntGauge,
@@ -139,6 +143,14 @@ impl Metrics {
             "flaggate_upstream_connections",
             "Open connections to Unleash (pooled keep-alive connections included)",
         ));
+        let upstream_inflight = must(IntGauge::new(
+            "flaggate_upstream_inflight",
+            "Requests holding one of the upstream slots now (forwarded, response not yet finished)",
+        ));
+        let upstream_max_inflight = must(IntGauge::new(
+            "flaggate_upstream_max_inflight",
+            "The upstream slots (upstream_max_inflight); beyond them requests queue, then get 503",
+        ));
         let ready = must(IntGauge::new(
             "flaggate_ready",
             "1 when /ready answers 200 (a token set is loaded and not draining), else 0",
@@ -180,6 +192,8 @@ impl Metrics {
             Box::new(sdk_requests.clone()),
             Box::new(connections.clone()),
             Box::new(upstream_connections.clone()),
+            Box::new(upstream_inflight.clone()),
+            Box::new(upstream_max_inflight.clone()),
             Box::new(ready.clone()),
             Box::new(config_reloads.clone()),
             Box::new(config_last_reload_success.clone()),
@@ -212,6 +226,9 @@ impl Metrics {
             sdk_requests,
             connections,
             upstream_connections,
+            upstream_inflight,
+            upstream_max_inflight,
+            upstream_slots: OnceLock::new(),
             ready,
             config_reloads,
             config_last_reload_success,
@@ -270,6 +287,11 @@ impl Metrics {
         self.token_sync_age.set(sync_age.unwrap_or(-1.0));
         self.ready.set(i64::from(ready));
         self.count_log_drops(LOG_DROPS.get());
+        if let Some(slots) = self.upstream_slots.get() {
+            let (taken, max) = slots.usage();
+            self.upstream_inflight.set(taken as i64);
+            self.upstream_max_inflight.set(max as i64);
+        }
         self.tokens.reset();
         for (kind, source, n) in store.counts() {
             self.tokens
@@ -279,6 +301,11 @@ impl Metrics {
         let mut out = Vec::with_capacity(16 * 1024);
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
+    }
+
+    /// Reports these slots in `/metrics` from now on.
+    pub fn watch_upstream_slots(&self, slots: std::sync::Arc<crate::proxy::forward::Slots>) {
+        let _ = self.upstream_slots.set(slots);
     }
 
     /// Brings `flaggate_log_lines_dropped_total` up to the log writer's own count, which only it can

@@ -452,3 +452,82 @@ async fn h2_streams_beyond_the_limit_wait_for_a_free_slot() {
     );
     assert!(took < Duration::from_secs(3));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_upstream_slots_requests_queue_then_get_503_and_never_reach_unleash() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    // One slot, held by an event stream until the test ends it.
+    let (senders_tx, mut senders) = tokio::sync::mpsc::unbounded_channel();
+    let up = upstream()
+        .route("/api/client/streaming", move |_| {
+            let (tx, resp) = support::upstream::event_stream();
+            senders_tx.send(tx).unwrap();
+            resp
+        })
+        .route("/api/client/features", |_| ok_json(r#"{"features":[]}"#))
+        .run()
+        .await;
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .settings(|s| {
+            s.upstream_max_inflight = Some("1".into());
+            s.upstream_connect_timeout = Some("1s".into());
+        })
+        .start()
+        .await;
+    let client =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = http::Request::get(format!("http://{}/api/client/streaming", gw.addr))
+        .header("authorization", CLIENT)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let stream = tokio::spawn(client.request(req));
+    let events = tokio::time::timeout(Duration::from_secs(5), senders.recv())
+        .await
+        .expect("upstream never got the stream request")
+        .unwrap();
+    events.send(Bytes::from("data: 1\n\n")).await.unwrap();
+    let mut stream = stream.await.unwrap().unwrap().into_body();
+    assert!(stream.frame().await.is_some());
+
+    // All slots taken for as long as a request may wait to connect: 503, and Unleash sees nothing.
+    let started = Instant::now();
+    let r = get(gw.addr, "/api/client/features", Some(CLIENT)).await;
+    let took = started.elapsed();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["code"], "upstream_saturated");
+    assert_eq!(r.headers["retry-after"], "1");
+    assert!(took >= Duration::from_millis(900), "did not queue first: {took:?}");
+    assert!(took < Duration::from_secs(3), "queued too long: {took:?}");
+    assert_eq!(up.count(), 1, "a request beyond the slots reached Unleash");
+    let scrape = get(gw.admin, "/metrics", None).await.text();
+    assert_eq!(support::poll::sample(&scrape, "flaggate_upstream_inflight"), Some(1.0));
+    assert_eq!(
+        support::poll::sample(&scrape, "flaggate_upstream_max_inflight"),
+        Some(1.0)
+    );
+    assert_eq!(
+        support::poll::sample(
+            &scrape,
+            r#"flaggate_requests_total{decision="upstream_error",method="GET",route_class="client",status="503"}"#
+        ),
+        Some(1.0),
+        "{scrape}"
+    );
+
+    // A queued request is served as soon as the stream ends and gives its slot back.
+    let addr = gw.addr;
+    let queued = tokio::spawn(async move {
+        let started = Instant::now();
+        (get(addr, "/api/client/features", Some(CLIENT)).await, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(events);
+    while stream.frame().await.is_some() {}
+    let (r, took) = queued.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(took >= Duration::from_millis(250), "was not queued: {took:?}");
+    assert_eq!(up.count(), 2);
+}

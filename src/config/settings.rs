@@ -53,6 +53,10 @@ pub struct Settings {
     /// Most open client connections; more wait in the listen backlog [default: 10000]
     #[arg(long, env = "FLAGGATE_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<String>,
+    /// Most requests forwarded to Unleash at once (each holds an upstream connection until its response
+    /// ends, event streams included); more wait up to the connect timeout, then get 503 [default: 1024]
+    #[arg(long, env = "FLAGGATE_UPSTREAM_MAX_INFLIGHT", value_name = "N")]
+    pub upstream_max_inflight: Option<String>,
     /// Largest request head (request line + headers); larger → 431 [default: 16KiB]
     #[arg(long, env = "FLAGGATE_MAX_HEADER_BYTES", value_name = "SIZE")]
     pub max_header_bytes: Option<String>,
@@ -304,6 +308,13 @@ impl Settings {
                 &self.max_connections,
                 &file.max_connections,
                 Some("10000"),
+                parse_count,
+            )?),
+            upstream_max_inflight: must(l.pick(
+                "upstream_max_inflight",
+                &self.upstream_max_inflight,
+                &file.upstream_max_inflight,
+                Some("1024"),
                 parse_count,
             )?),
             max_header_bytes: must(l.pick(

@@ -68,6 +68,8 @@ pub struct LoggedBody {
     clock: Option<Arc<StreamClock>>,
     /// HTTP/2 only: what is left of a frame longer than [`STREAM_CHUNK`], handed out a chunk at a time.
     rest: Bytes,
+    /// The upstream slot, given back as soon as the body ends.
+    slot: Option<super::forward::Slot>,
     /// Event streams only: resolves at shutdown, when the stream is ended cleanly.
     stop: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
     /// Event streams only: a stream on which nothing arrives for this long is ended (clients reconnect).
@@ -86,6 +88,7 @@ impl LoggedBody {
         record: Record,
         activity: Option<Arc<Activity>>,
         clock: Option<Arc<StreamClock>>,
+        slot: Option<super::forward::Slot>,
         stream: Option<StreamGuards>,
     ) -> LoggedBody {
         let (stop, idle) = match stream {
@@ -99,6 +102,7 @@ impl LoggedBody {
             activity,
             clock,
             rest: Bytes::new(),
+            slot,
             stop: stop.map(|mut rx| {
                 Box::pin(async move { super::server::stopped(&mut rx).await })
                     as Pin<Box<dyn Future<Output = ()> + Send + Sync>>
@@ -108,6 +112,7 @@ impl LoggedBody {
     }
 
     fn finish(&mut self, complete: bool) {
+        self.slot = None;
         if let Some(r) = self.record.take() {
             r.emit(self.bytes, complete);
             if let Some(a) = self.activity.take() {

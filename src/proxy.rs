@@ -14,6 +14,7 @@ pub mod forward;
 pub mod headers;
 pub mod record;
 pub mod server;
+pub mod slots;
 
 use crate::config::{Config, Upstream};
 use crate::error::{Blame, Decision, Rejection};
@@ -49,7 +50,7 @@ pub struct Gateway {
     pub store: Arc<TokenStore>,
     pub metrics: Arc<Metrics>,
     client: UpstreamClient,
-    slots: Arc<forward::Slots>,
+    slots: Arc<slots::Slots>,
     upstream: Upstream,
     unleash: Option<UnleashMode>,
     /// Route class of requests refused before routing (`none`), shared instead of allocated each time.
@@ -128,10 +129,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         unleash: Option<UnleashMode>,
     ) -> Result<Gateway, crate::tls::TlsError> {
-        let slots = Arc::new(forward::Slots::new(
-            cfg.upstream_max_inflight,
-            cfg.upstream_connect_timeout,
-        ));
+        let slots = slots::Slots::new(cfg.upstream_max_inflight, cfg.upstream_connect_timeout);
         metrics.watch_upstream_slots(slots.clone());
         Ok(Gateway {
             client: forward::build_client(cfg, metrics.upstream_connections.clone())?,
@@ -155,7 +153,7 @@ struct Outcome {
     upstream_time: Option<Duration>,
     path: Option<String>,
     /// The upstream slot this request holds, passed on to its response body.
-    slot: Option<forward::Slot>,
+    slot: Option<slots::Slot>,
 }
 
 /// Bounded app-name label values: the first [`APP_LABEL_CAP`] names seen, then `other`.

@@ -31,7 +31,7 @@ pub struct Metrics {
     upstream_inflight: IntGauge,
     upstream_max_inflight: IntGauge,
     /// The gateway's upstream slots, read at scrape time.
-    upstream_slots: OnceLock<std::sync::Arc<crate::proxy::forward::Slots>>,
+    upstream_slots: OnceLock<std::sync::Arc<crate::proxy::slots::Slots>>,
     pub ready: IntGauge,
     pub config_reloads: IntCounterVec,
     pub config_last_reload_success: IntGauge,
@@ -304,7 +304,7 @@ impl Metrics {
     }
 
     /// Reports these slots in `/metrics` from now on.
-    pub fn watch_upstream_slots(&self, slots: std::sync::Arc<crate::proxy::forward::Slots>) {
+    pub fn watch_upstream_slots(&self, slots: std::sync::Arc<crate::proxy::slots::Slots>) {
         let _ = self.upstream_slots.set(slots);
     }
 

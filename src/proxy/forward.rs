@@ -12,9 +12,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 pub type UpstreamClient = Client<HttpsConnector<CountingConnector>, DownstreamBody>;
 
@@ -40,47 +38,6 @@ pub fn build_client(cfg: &Config, open_gauge: prometheus::IntGauge) -> Result<Up
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(512)
         .build(https))
-}
-
-/// The `upstream_max_inflight` places in front of Unleash. Without them a slow Unleash, or a crowd of
-/// event streams, would make the gateway open one upstream connection per waiting client, and pile the
-/// whole fleet's load onto the flag server just when it is struggling.
-pub struct Slots {
-    free: Arc<Semaphore>,
-    max: usize,
-    /// How long a request may queue for a slot: as long as it may wait to connect.
-    wait: Duration,
-}
-
-/// One slot, held until the response body ends (or the request fails).
-pub struct Slot {
-    _taken: OwnedSemaphorePermit,
-}
-
-impl Slots {
-    pub fn new(max: usize, wait: Duration) -> Slots {
-        let max = max.clamp(1, Semaphore::MAX_PERMITS);
-        Slots {
-            free: Arc::new(Semaphore::new(max)),
-            max,
-            wait,
-        }
-    }
-
-    pub async fn take(&self) -> Result<Slot, Rejection> {
-        if let Ok(p) = self.free.clone().try_acquire_owned() {
-            return Ok(Slot { _taken: p });
-        }
-        match tokio::time::timeout(self.wait, self.free.clone().acquire_owned()).await {
-            Ok(Ok(p)) => Ok(Slot { _taken: p }),
-            _ => Err(Rejection::UpstreamSaturated(self.max)),
-        }
-    }
-
-    /// Slots taken now, and the cap: for `/metrics`, read at scrape time rather than kept per request.
-    pub fn usage(&self) -> (usize, usize) {
-        (self.max - self.free.available_permits().min(self.max), self.max)
-    }
 }
 
 /// `upstream + canonical path + untouched query`: the authorized path, byte for byte.

@@ -531,3 +531,51 @@ async fn beyond_the_upstream_slots_requests_queue_then_get_503_and_never_reach_u
     assert!(took >= Duration::from_millis(250), "was not queued: {took:?}");
     assert_eq!(up.count(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_stream_gives_its_upstream_slot_back() {
+    use bytes::Bytes;
+    let (senders_tx, mut senders) = tokio::sync::mpsc::unbounded_channel();
+    let up = upstream()
+        .route("/api/client/streaming", move |_| {
+            let (tx, resp) = support::upstream::event_stream();
+            senders_tx.send(tx).unwrap();
+            resp
+        })
+        .route("/api/client/features", |_| ok_json(r#"{"features":[]}"#))
+        .run()
+        .await;
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .settings(|s| {
+            s.upstream_max_inflight = Some("1".into());
+            s.upstream_connect_timeout = Some("1s".into());
+        })
+        .start()
+        .await;
+    // The one slot goes to a stream whose client hangs up after the first event.
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let req = format!("GET /api/client/streaming HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let events = tokio::time::timeout(Duration::from_secs(5), senders.recv())
+        .await
+        .expect("upstream never got the stream request")
+        .unwrap();
+    events.send(Bytes::from("data: 1\n\n")).await.unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    drop(s);
+    // The next event finds the client gone at the latest; the stream and its slot are given up.
+    let _ = events.send(Bytes::from("data: 2\n\n")).await;
+    let r = get(gw.addr, "/api/client/features", Some(CLIENT)).await;
+    assert_eq!(
+        r.status,
+        200,
+        "the departed client's slot was never given back: {}",
+        r.text()
+    );
+    let scrape = get(gw.admin, "/metrics", None).await.text();
+    assert_eq!(support::poll::sample(&scrape, "flaggate_upstream_inflight"), Some(0.0));
+}

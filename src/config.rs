@@ -325,6 +325,20 @@ pub(crate) fn parse_rule(file: &Path, index: usize, r: FileRule) -> Result<Rule,
     Ok(Rule::new(&r.name, &r.prefix, &kinds, r.preflight, denial))
 }
 
+/// `16KiB`, `10MiB`, or a plain byte count: as the settings are written.
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}MiB", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}KiB", n >> 10),
+        n => n.to_string(),
+    }
+}
+
+/// `RATE:BURST` per second, as the settings are written.
+fn rate_text(r: &crate::ratelimit::Rate) -> String {
+    format!("{}:{}", r.per_second, r.burst)
+}
+
 impl Config {
     /// Human-readable effective configuration with secrets redacted, for `check-config`.
     pub fn render(&self) -> String {
@@ -358,6 +372,48 @@ impl Config {
             "header_read_timeout",
             humantime::format_duration(self.header_read_timeout).to_string(),
         );
+        line(
+            "log_level",
+            self.log_level.clone().unwrap_or_else(|| "(RUST_LOG, else info)".into()),
+        );
+        line(
+            "idle_timeout",
+            humantime::format_duration(self.idle_timeout).to_string(),
+        );
+        line("max_connections", self.max_connections.to_string());
+        line("upstream_max_inflight", self.upstream_max_inflight.to_string());
+        line("max_header_bytes", bytes(self.max_header_bytes as u64));
+        line("max_request_body", bytes(self.max_request_body));
+        line("h2_max_streams", self.h2_max_streams.to_string());
+        line(
+            "shutdown_grace",
+            humantime::format_duration(self.shutdown_grace).to_string(),
+        );
+        let tls = self.tls.as_ref();
+        line("tls_cert", opt(&tls.map(|t| t.cert.clone())));
+        line("tls_key", opt(&tls.map(|t| t.key.clone())));
+        line("tls_client_ca", opt(&tls.and_then(|t| t.client_ca.clone())));
+        line("upstream_ca", opt(&self.upstream_ca));
+        line("upstream_client_cert", opt(&self.upstream_client_cert));
+        line("upstream_client_key", opt(&self.upstream_client_key));
+        line("pat_rate_limit", format!("{}/s", self.pat_rate_limit));
+        line("pat_negative_cache_size", self.pat_negative_cache_size.to_string());
+        line(
+            "pat_negative_ttl",
+            humantime::format_duration(self.pat_negative_ttl).to_string(),
+        );
+        for kind in [TokenKind::Client, TokenKind::Frontend, TokenKind::Admin, TokenKind::Pat] {
+            let rate = self.rate_limits.per_kind.get(&kind);
+            line(
+                &format!("rate_limit_{}", kind.as_str()),
+                rate.map_or("off".into(), rate_text),
+            );
+        }
+        let mut named: Vec<_> = self.rate_limits.per_name.iter().collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        for (name, rate) in named {
+            line(&format!("rate_limit_tokens {name}"), rate_text(rate));
+        }
         let policy = crate::policy::Policy::new(self.routes.clone());
         for r in policy.rules() {
             let kinds: Vec<_> = r.allow.kinds().map(|k| k.as_str()).collect();

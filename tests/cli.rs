@@ -245,3 +245,37 @@ fn demo_prints_curl_lines_that_give_the_statuses_they_claim() {
     let _ = child.wait();
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+#[test]
+fn check_config_prints_every_limit_in_effect() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = write(&dir, "tokens.yaml", "tokens: []\n");
+    let cfg = write(
+        &dir,
+        "flaggate.toml",
+        &format!("token_file = {tokens:?}\nupstream_max_inflight = 64\nmax_request_body = \"1MiB\"\n\n[[rate_limit_tokens]]\nname = \"ci\"\nrate = \"5:10\"\n"),
+    );
+    let out = flaggate()
+        .args(["check-config", "--config", &cfg, "--rate-limit-frontend", "50:100"])
+        .env("FLAGGATE_IDLE_TIMEOUT", "30s")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for want in [
+        "upstream_max_inflight = 64\n",
+        "max_request_body = 1MiB\n",
+        "idle_timeout = 30s\n",
+        "max_connections = 10000\n",
+        "max_header_bytes = 16KiB\n",
+        "h2_max_streams = 128\n",
+        "shutdown_grace = 15s\n",
+        "tls_cert = (none)\n",
+        "pat_rate_limit = 10/s\n",
+        "rate_limit_client = off\n",
+        "rate_limit_frontend = 50:100\n",
+        "rate_limit_tokens ci = 5:10\n",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}

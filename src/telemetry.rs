@@ -29,6 +29,7 @@ pub struct Metrics {
     pub connections: IntGaugeVec,
     pub upstream_connections: IntGauge,
     upstream_inflight: IntGauge,
+    upstream_queued: IntGauge,
     upstream_max_inflight: IntGauge,
     /// The gateway's upstream slots, read at scrape time.
     upstream_slots: OnceLock<std::sync::Arc<crate::proxy::slots::Slots>>,
@@ -147,6 +148,10 @@ impl Metrics {
             "flaggate_upstream_inflight",
             "Requests holding one of the upstream slots now (forwarded, response not yet finished)",
         ));
+        let upstream_queued = must(IntGauge::new(
+            "flaggate_upstream_queued",
+            "Requests waiting for an upstream slot now (they get 503 if none frees up in time)",
+        ));
         let upstream_max_inflight = must(IntGauge::new(
             "flaggate_upstream_max_inflight",
             "The upstream slots (upstream_max_inflight); beyond them requests queue, then get 503",
@@ -193,6 +198,7 @@ impl Metrics {
             Box::new(connections.clone()),
             Box::new(upstream_connections.clone()),
             Box::new(upstream_inflight.clone()),
+            Box::new(upstream_queued.clone()),
             Box::new(upstream_max_inflight.clone()),
             Box::new(ready.clone()),
             Box::new(config_reloads.clone()),
@@ -227,6 +233,7 @@ impl Metrics {
             connections,
             upstream_connections,
             upstream_inflight,
+            upstream_queued,
             upstream_max_inflight,
             upstream_slots: OnceLock::new(),
             ready,
@@ -288,9 +295,10 @@ impl Metrics {
         self.ready.set(i64::from(ready));
         self.count_log_drops(LOG_DROPS.get());
         if let Some(slots) = self.upstream_slots.get() {
-            let (taken, max) = slots.usage();
-            self.upstream_inflight.set(taken as i64);
-            self.upstream_max_inflight.set(max as i64);
+            let usage = slots.usage();
+            self.upstream_inflight.set(usage.taken as i64);
+            self.upstream_queued.set(usage.queued as i64);
+            self.upstream_max_inflight.set(usage.max as i64);
         }
         self.tokens.reset();
         for (kind, source, n) in store.counts() {

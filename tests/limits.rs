@@ -524,6 +524,8 @@ async fn beyond_the_upstream_slots_requests_queue_then_get_503_and_never_reach_u
         (get(addr, "/api/client/features", Some(CLIENT)).await, started.elapsed())
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let scrape = get(gw.admin, "/metrics", None).await.text();
+    assert_eq!(support::poll::sample(&scrape, "flaggate_upstream_queued"), Some(1.0));
     drop(events);
     while stream.frame().await.is_some() {}
     let (r, took) = queued.await.unwrap();

@@ -22,6 +22,13 @@ pub struct Slots {
     wait: Duration,
 }
 
+#[derive(Debug, PartialEq, Eq)]
+pub struct Usage {
+    pub taken: usize,
+    pub queued: usize,
+    pub max: usize,
+}
+
 /// One slot, held until the response body ends (or the request fails), then given back.
 pub struct Slot(Arc<Slots>);
 
@@ -84,9 +91,14 @@ impl Slots {
         }
     }
 
-    /// Slots taken now, and the cap: for `/metrics`, read at scrape time rather than kept per request.
-    pub fn usage(&self) -> (usize, usize) {
-        (self.taken.load(SeqCst).min(self.max), self.max)
+    /// Slots taken now, requests queued for one, and the cap: for `/metrics`, read at scrape time rather
+    /// than kept per request.
+    pub fn usage(&self) -> Usage {
+        Usage {
+            taken: self.taken.load(SeqCst).min(self.max),
+            queued: self.waiting.load(SeqCst),
+            max: self.max,
+        }
     }
 }
 
@@ -119,8 +131,12 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(peak.load(SeqCst), 3);
-        assert_eq!(slots.usage(), (0, 3), "every slot came back");
-        assert_eq!(slots.waiting.load(SeqCst), 0);
+        let idle = Usage {
+            taken: 0,
+            queued: 0,
+            max: 3,
+        };
+        assert_eq!(slots.usage(), idle, "every slot came back");
     }
 
     #[tokio::test]
@@ -133,6 +149,7 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!queued.is_finished());
+        assert_eq!(slots.usage().queued, 1);
         let started = Instant::now();
         drop(held);
         assert!(queued.await.unwrap());
@@ -146,11 +163,11 @@ mod tests {
         let started = Instant::now();
         assert!(matches!(short.take().await, Err(Rejection::UpstreamSaturated(1))));
         assert!(started.elapsed() >= Duration::from_millis(100));
-        assert_eq!(
-            short.waiting.load(SeqCst),
-            0,
-            "the timed-out request is no longer queued"
-        );
-        assert_eq!(short.usage(), (1, 1));
+        let held_only = Usage {
+            taken: 1,
+            queued: 0,
+            max: 1,
+        };
+        assert_eq!(short.usage(), held_only, "the timed-out request is no longer queued");
     }
 }

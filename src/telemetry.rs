@@ -73,7 +73,7 @@ impl Metrics {
         let upstream_duration = must(HistogramVec::new(
             HistogramOpts::new(
                 "flaggate_upstream_duration_seconds",
-                "Time from forwarding to upstream response headers",
+                "Time from forwarding to upstream response headers, including any wait for an upstream slot",
             )
             .buckets(BUCKETS.to_vec()),
             &["route_class"],

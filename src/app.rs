@@ -287,10 +287,6 @@ impl Reloader {
                 new.upstream_connect_timeout != self.current.upstream_connect_timeout,
             ),
             ("max_connections", new.max_connections != self.current.max_connections),
-            (
-                "upstream_max_inflight",
-                new.upstream_max_inflight != self.current.upstream_max_inflight,
-            ),
             ("shutdown_grace", new.shutdown_grace != self.current.shutdown_grace),
             ("log_format", new.log_format != self.current.log_format),
         ];
@@ -304,6 +300,7 @@ impl Reloader {
         }
         crate::telemetry::set_log_level(new.log_level.as_deref());
         self.gateway.live.store(Arc::new(Live::from_config(&new)));
+        self.gateway.resize_upstream_slots(new.upstream_max_inflight);
         self.metrics.config_reloads.with_label_values(&["ok"]).inc();
         self.metrics.config_last_reload_success.set(1);
         tracing::info!(routes = new.routes.len(), "configuration reloaded");

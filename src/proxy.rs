@@ -123,6 +123,11 @@ impl Gateway {
         &self.upstream
     }
 
+    /// Applies a reloaded `upstream_max_inflight`.
+    pub fn resize_upstream_slots(&self, max: usize) {
+        self.slots.resize(max);
+    }
+
     pub fn new(
         cfg: &Config,
         store: Arc<TokenStore>,

@@ -136,3 +136,58 @@ async fn a_busy_config_directory_does_not_trigger_reloads() {
     }
     panic!("a real change was not reloaded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_slots_are_resized_by_a_reload_without_dropping_open_streams() {
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    let (senders_tx, mut senders) = tokio::sync::mpsc::unbounded_channel();
+    let up = upstream()
+        .route("/api/client/streaming", move |_| {
+            let (tx, resp) = support::upstream::event_stream();
+            senders_tx.send(tx).unwrap();
+            resp
+        })
+        .route("/api/client/features", |_| ok_json("{}"))
+        .run()
+        .await;
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .config("upstream_max_inflight = 1\nupstream_connect_timeout = \"300ms\"\n")
+        .start()
+        .await;
+    // An event stream holds the one slot.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<Bytes>>();
+    let req = http::Request::get(format!("http://{}/api/client/streaming", gw.addr))
+        .header("authorization", CLIENT)
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let stream = tokio::spawn(client.request(req));
+    let events = tokio::time::timeout(Duration::from_secs(5), senders.recv())
+        .await
+        .expect("upstream never got the stream request")
+        .unwrap();
+    events.send(Bytes::from("data: 1\n\n")).await.unwrap();
+    let mut stream = stream.await.unwrap().unwrap().into_body();
+    assert!(stream.frame().await.is_some());
+    assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 503);
+
+    std::fs::write(
+        gw.dir.path().join("flaggate.toml"),
+        "upstream_max_inflight = 2\nupstream_connect_timeout = \"300ms\"\n",
+    )
+    .unwrap();
+    gw.running.as_ref().unwrap().reload();
+    assert!(
+        status_becomes(&gw, "/api/client/features", CLIENT, 200, Duration::from_secs(3)).await,
+        "the raised cap was not applied"
+    );
+    let scrape = get(gw.admin, "/metrics", None).await.text();
+    assert_eq!(metric(&scrape, "flaggate_upstream_max_inflight"), 2.0);
+    // The stream that held the slot all along is still open.
+    events.send(Bytes::from("data: 2\n\n")).await.unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(2), stream.frame()).await;
+    assert!(matches!(next, Ok(Some(Ok(_)))), "the open stream was cut by the reload");
+}

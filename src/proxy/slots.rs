@@ -7,7 +7,7 @@
 //! release, which would put a lock on every forwarded request.)
 
 use crate::error::Rejection;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -17,7 +17,8 @@ pub struct Slots {
     /// Requests queued for a slot; releases notify only when there are some.
     waiting: AtomicUsize,
     freed: Notify,
-    max: usize,
+    /// The cap; a config reload may change it (requests over a lowered cap finish as they are).
+    max: AtomicUsize,
     /// How long a request may queue for a slot: as long as it may wait to connect.
     wait: Duration,
 }
@@ -38,7 +39,7 @@ impl Drop for Slot {
         // Only a give-back that frees a place wakes a waiter: undoing an overshoot while every slot is
         // held must not, or queued requests would wake each other in a loop. SeqCst on both sides:
         // either this load sees the waiter, or the waiter's retry sees the free place.
-        if before <= self.0.max && self.0.waiting.load(SeqCst) > 0 {
+        if before <= self.0.max.load(Relaxed) && self.0.waiting.load(SeqCst) > 0 {
             self.0.freed.notify_one();
         }
     }
@@ -59,7 +60,7 @@ impl Slots {
             taken: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             freed: Notify::new(),
-            max: max.max(1),
+            max: AtomicUsize::new(max.max(1)),
             wait,
         })
     }
@@ -67,7 +68,7 @@ impl Slots {
     /// Optimistic: one add when a slot is free; an overshoot is undone at once.
     fn try_take(self: &Arc<Self>) -> Option<Slot> {
         let slot = Slot(self.clone());
-        (self.taken.fetch_add(1, SeqCst) < self.max).then_some(slot)
+        (self.taken.fetch_add(1, SeqCst) < self.max.load(Relaxed)).then_some(slot)
     }
 
     pub async fn take(self: &Arc<Self>) -> Result<Slot, Rejection> {
@@ -86,7 +87,7 @@ impl Slots {
                 return Ok(slot);
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                return Err(Rejection::UpstreamSaturated(self.max));
+                return Err(Rejection::UpstreamSaturated(self.max.load(Relaxed)));
             }
         }
     }
@@ -94,10 +95,20 @@ impl Slots {
     /// Slots taken now, requests queued for one, and the cap: for `/metrics`, read at scrape time rather
     /// than kept per request.
     pub fn usage(&self) -> Usage {
+        let max = self.max.load(Relaxed);
         Usage {
-            taken: self.taken.load(SeqCst).min(self.max),
+            taken: self.taken.load(SeqCst).min(max),
             queued: self.waiting.load(SeqCst),
-            max: self.max,
+            max,
+        }
+    }
+
+    /// A new cap (config reload). Raising it wakes every queued request to retry; lowering it lets the
+    /// requests above the new cap finish, and takes effect as they end.
+    pub fn resize(&self, max: usize) {
+        let old = self.max.swap(max.max(1), SeqCst);
+        if max > old && self.waiting.load(SeqCst) > 0 {
+            self.freed.notify_waiters();
         }
     }
 }
@@ -169,5 +180,27 @@ mod tests {
             max: 1,
         };
         assert_eq!(short.usage(), held_only, "the timed-out request is no longer queued");
+    }
+
+    #[tokio::test]
+    async fn a_raised_cap_lets_queued_requests_in_at_once_and_a_lowered_one_holds_new_ones_back() {
+        let slots = Slots::new(1, Duration::from_secs(5));
+        let held = slots.take().await.unwrap();
+        let queued = tokio::spawn({
+            let slots = slots.clone();
+            async move { slots.take().await.is_ok() }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        slots.resize(2);
+        assert!(queued.await.unwrap());
+        assert!(started.elapsed() < Duration::from_secs(1), "woken by the resize");
+
+        slots.resize(1);
+        let short = Slots::new(2, Duration::from_millis(100));
+        let _a = short.take().await.unwrap();
+        short.resize(1);
+        assert!(short.take().await.is_err(), "the lowered cap applies to new requests");
+        drop(held);
     }
 }

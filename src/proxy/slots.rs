@@ -7,7 +7,7 @@
 //! release, which would put a lock on every forwarded request.)
 
 use crate::error::Rejection;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -37,9 +37,10 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let before = self.0.taken.fetch_sub(1, SeqCst);
         // Only a give-back that frees a place wakes a waiter: undoing an overshoot while every slot is
-        // held must not, or queued requests would wake each other in a loop. SeqCst on both sides:
-        // either this load sees the waiter, or the waiter's retry sees the free place.
-        if before <= self.0.max.load(Relaxed) && self.0.waiting.load(SeqCst) > 0 {
+        // held must not, or queued requests would wake each other in a loop. SeqCst everywhere (a plain
+        // load on x86): either this load sees the waiter, or the waiter's retry sees the free place, and
+        // the same holds between `resize` and a waiter.
+        if before <= self.0.max.load(SeqCst) && self.0.waiting.load(SeqCst) > 0 {
             self.0.freed.notify_one();
         }
     }
@@ -68,7 +69,7 @@ impl Slots {
     /// Optimistic: one add when a slot is free; an overshoot is undone at once.
     fn try_take(self: &Arc<Self>) -> Option<Slot> {
         let slot = Slot(self.clone());
-        (self.taken.fetch_add(1, SeqCst) < self.max.load(Relaxed)).then_some(slot)
+        (self.taken.fetch_add(1, SeqCst) < self.max.load(SeqCst)).then_some(slot)
     }
 
     pub async fn take(self: &Arc<Self>) -> Result<Slot, Rejection> {
@@ -87,7 +88,7 @@ impl Slots {
                 return Ok(slot);
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                return Err(Rejection::UpstreamSaturated(self.max.load(Relaxed)));
+                return Err(Rejection::UpstreamSaturated(self.max.load(SeqCst)));
             }
         }
     }
@@ -95,7 +96,7 @@ impl Slots {
     /// Slots taken now, requests queued for one, and the cap: for `/metrics`, read at scrape time rather
     /// than kept per request.
     pub fn usage(&self) -> Usage {
-        let max = self.max.load(Relaxed);
+        let max = self.max.load(SeqCst);
         Usage {
             taken: self.taken.load(SeqCst).min(max),
             queued: self.waiting.load(SeqCst),

@@ -11,8 +11,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 /// Resolves once `stop` is true (or its sender is gone); holds no borrow across awaits, so it is `Send`.
@@ -68,6 +68,32 @@ pub fn conn_builder(limits: &ConnLimits) -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// The next connection, once there is room under the cap (`None` once `stop` turns true). At the cap
+/// nothing is accepted: new clients wait in the kernel's backlog instead of being refused.
+async fn accept_within_cap(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<(OwnedSemaphorePermit, TcpStream, std::net::SocketAddr)> {
+    let permit = tokio::select! {
+        p = permits.clone().acquire_owned() => p.ok()?,
+        _ = stopped(stop) => return None,
+    };
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => return Some((permit, stream, peer)),
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning; the listener itself is fine.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stopped(stop) => return None,
+        }
+    }
+}
+
 /// What the proxy listener needs besides the gateway.
 #[derive(Clone)]
 pub struct ServeOpts {
@@ -84,22 +110,8 @@ pub async fn serve_proxy(listener: TcpListener, gw: Arc<Gateway>, opts: ServeOpt
     let mut conns = JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
-        // At the cap, stop accepting: new clients wait in the kernel's backlog instead of being refused.
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = stopped(&mut stop) => break,
-        };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning; the listener itself is fine.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stopped(&mut stop) => break,
+        let Some((permit, stream, peer)) = accept_within_cap(&listener, &permits, &mut stop).await else {
+            break;
         };
         let _ = stream.set_nodelay(true);
         let gw = gw.clone();
@@ -224,22 +236,7 @@ pub async fn serve_simple<F, Fut>(
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10));
     let permits = Arc::new(Semaphore::new(max_connections.max(1)));
-    loop {
-        // At the cap, stop accepting, as the proxy listener does: the kernel's backlog holds the rest.
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            _ = stopped(&mut stop) => break,
-        };
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stopped(&mut stop) => break,
-        };
+    while let Some((permit, stream, _)) = accept_within_cap(&listener, &permits, &mut stop).await {
         let conn = builder.serve_connection(TokioIo::new(stream), service_fn(handler.clone()));
         tokio::spawn(async move {
             let _ = conn.await;

@@ -453,22 +453,9 @@ async fn h2_streams_beyond_the_limit_wait_for_a_free_slot() {
     assert!(took < Duration::from_secs(3));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn beyond_the_upstream_slots_requests_queue_then_get_503_and_never_reach_unleash() {
-    use bytes::Bytes;
-    use http_body_util::{BodyExt, Full};
-    // One slot, held by an event stream until the test ends it.
-    let (senders_tx, mut senders) = tokio::sync::mpsc::unbounded_channel();
-    let up = upstream()
-        .route("/api/client/streaming", move |_| {
-            let (tx, resp) = support::upstream::event_stream();
-            senders_tx.send(tx).unwrap();
-            resp
-        })
-        .route("/api/client/features", |_| ok_json(r#"{"features":[]}"#))
-        .run()
-        .await;
-    let gw = gateway()
+/// A gateway with one upstream slot, for which a request may queue 1 s.
+async fn one_upstream_slot(up: &support::MockUpstream) -> support::TestGateway {
+    gateway()
         .upstream(up.url())
         .token(CLIENT, "client")
         .settings(|s| {
@@ -476,7 +463,21 @@ async fn beyond_the_upstream_slots_requests_queue_then_get_503_and_never_reach_u
             s.upstream_connect_timeout = Some("1s".into());
         })
         .start()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beyond_the_upstream_slots_requests_queue_then_get_503_and_never_reach_unleash() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    // One slot, held by an event stream until the test ends it.
+    let (stream_route, mut streams) = support::upstream::event_streams();
+    let up = upstream()
+        .route("/api/client/streaming", stream_route)
+        .route("/api/client/features", |_| ok_json(r#"{"features":[]}"#))
+        .run()
         .await;
+    let gw = one_upstream_slot(&up).await;
     let client =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
     let req = http::Request::get(format!("http://{}/api/client/streaming", gw.addr))
@@ -484,10 +485,7 @@ async fn beyond_the_upstream_slots_requests_queue_then_get_503_and_never_reach_u
         .body(Full::new(Bytes::new()))
         .unwrap();
     let stream = tokio::spawn(client.request(req));
-    let events = tokio::time::timeout(Duration::from_secs(5), senders.recv())
-        .await
-        .expect("upstream never got the stream request")
-        .unwrap();
+    let events = streams.next().await;
     events.send(Bytes::from("data: 1\n\n")).await.unwrap();
     let mut stream = stream.await.unwrap().unwrap().into_body();
     assert!(stream.frame().await.is_some());
@@ -537,33 +535,18 @@ async fn beyond_the_upstream_slots_requests_queue_then_get_503_and_never_reach_u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_mid_stream_gives_its_upstream_slot_back() {
     use bytes::Bytes;
-    let (senders_tx, mut senders) = tokio::sync::mpsc::unbounded_channel();
+    let (stream_route, mut streams) = support::upstream::event_streams();
     let up = upstream()
-        .route("/api/client/streaming", move |_| {
-            let (tx, resp) = support::upstream::event_stream();
-            senders_tx.send(tx).unwrap();
-            resp
-        })
+        .route("/api/client/streaming", stream_route)
         .route("/api/client/features", |_| ok_json(r#"{"features":[]}"#))
         .run()
         .await;
-    let gw = gateway()
-        .upstream(up.url())
-        .token(CLIENT, "client")
-        .settings(|s| {
-            s.upstream_max_inflight = Some("1".into());
-            s.upstream_connect_timeout = Some("1s".into());
-        })
-        .start()
-        .await;
+    let gw = one_upstream_slot(&up).await;
     // The one slot goes to a stream whose client hangs up after the first event.
     let mut s = TcpStream::connect(gw.addr).await.unwrap();
     let req = format!("GET /api/client/streaming HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
-    let events = tokio::time::timeout(Duration::from_secs(5), senders.recv())
-        .await
-        .expect("upstream never got the stream request")
-        .unwrap();
+    let events = streams.next().await;
     events.send(Bytes::from("data: 1\n\n")).await.unwrap();
     let mut head = [0u8; 12];
     s.read_exact(&mut head).await.unwrap();

@@ -141,13 +141,9 @@ async fn a_busy_config_directory_does_not_trigger_reloads() {
 async fn upstream_slots_are_resized_by_a_reload_without_dropping_open_streams() {
     use bytes::Bytes;
     use http_body_util::BodyExt;
-    let (senders_tx, mut senders) = tokio::sync::mpsc::unbounded_channel();
+    let (stream_route, mut streams) = support::upstream::event_streams();
     let up = upstream()
-        .route("/api/client/streaming", move |_| {
-            let (tx, resp) = support::upstream::event_stream();
-            senders_tx.send(tx).unwrap();
-            resp
-        })
+        .route("/api/client/streaming", stream_route)
         .route("/api/client/features", |_| ok_json("{}"))
         .run()
         .await;
@@ -165,10 +161,7 @@ async fn upstream_slots_are_resized_by_a_reload_without_dropping_open_streams() 
         .body(http_body_util::Empty::new())
         .unwrap();
     let stream = tokio::spawn(client.request(req));
-    let events = tokio::time::timeout(Duration::from_secs(5), senders.recv())
-        .await
-        .expect("upstream never got the stream request")
-        .unwrap();
+    let events = streams.next().await;
     events.send(Bytes::from("data: 1\n\n")).await.unwrap();
     let mut stream = stream.await.unwrap().unwrap().into_body();
     assert!(stream.frame().await.is_some());

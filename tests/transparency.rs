@@ -10,7 +10,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::time::Duration;
 use support::client::raw_status;
-use support::upstream::{event_stream, full, ok_json};
+use support::upstream::{event_streams, full, ok_json};
 use support::{gateway, raw, send, upstream};
 
 const CLIENT: &str = "*:development.transparency-client-0123456789abcdef";
@@ -365,11 +365,10 @@ async fn read_until(body: &mut hyper::body::Incoming, acc: &mut Vec<u8>, want: &
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_sent_events_are_streamed_event_by_event() {
-    let (senders_tx, mut senders) = tokio::sync::mpsc::unbounded_channel();
+    let (stream_route, mut streams) = event_streams();
     let up = upstream()
-        .route("/api/client/streaming", move |_| {
-            let (tx, mut resp) = event_stream();
-            senders_tx.send(tx).unwrap();
+        .route("/api/client/streaming", move |r| {
+            let mut resp = stream_route(r);
             resp.headers_mut()
                 .insert("cache-control", http::HeaderValue::from_static("no-cache"));
             resp
@@ -386,10 +385,7 @@ async fn server_sent_events_are_streamed_event_by_event() {
         .unwrap();
     let pending = tokio::spawn(client.request(req));
 
-    let events = tokio::time::timeout(Duration::from_secs(5), senders.recv())
-        .await
-        .expect("upstream never got the stream request")
-        .unwrap();
+    let events = streams.next().await;
     let ev1 = "event: unleash-connected\ndata: {\"id\":1}\n\n";
     let ev2 = "event: unleash-updated\ndata: {\"id\":2}\n\n";
     events.send(Bytes::from(ev1)).await.unwrap();
@@ -425,15 +421,8 @@ async fn server_sent_events_are_streamed_event_by_event() {
 /// `upstream_timeout` bounds the wait for response headers only: a started stream is not cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_started_stream_outlives_the_upstream_timeout() {
-    let (senders_tx, mut senders) = tokio::sync::mpsc::unbounded_channel();
-    let up = upstream()
-        .route("/api/client/streaming", move |_| {
-            let (tx, resp) = event_stream();
-            senders_tx.send(tx).unwrap();
-            resp
-        })
-        .run()
-        .await;
+    let (stream_route, mut streams) = event_streams();
+    let up = upstream().route("/api/client/streaming", stream_route).run().await;
     let gw = gateway()
         .upstream(up.url())
         .token(CLIENT, "client")
@@ -446,10 +435,7 @@ async fn a_started_stream_outlives_the_upstream_timeout() {
         .body(Empty::new())
         .unwrap();
     let pending = tokio::spawn(client.request(req));
-    let events = tokio::time::timeout(Duration::from_secs(5), senders.recv())
-        .await
-        .expect("upstream never got the stream request")
-        .unwrap();
+    let events = streams.next().await;
     events.send(Bytes::from("data: 1\n\n")).await.unwrap();
     let resp = tokio::time::timeout(Duration::from_secs(5), pending)
         .await

@@ -151,15 +151,19 @@ mod tests {
         assert_eq!(slots.usage(), idle, "every slot came back");
     }
 
+    /// A request queued for a slot (given 50 ms to queue): resolves to whether it got one.
+    async fn queue_behind(slots: &Arc<Slots>) -> tokio::task::JoinHandle<bool> {
+        let slots = slots.clone();
+        let queued = tokio::spawn(async move { slots.take().await.is_ok() });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        queued
+    }
+
     #[tokio::test]
     async fn a_queued_request_gets_the_next_slot_given_back_or_gives_up_at_the_wait() {
         let slots = Slots::new(1, Duration::from_secs(5));
         let held = slots.take().await.unwrap();
-        let queued = tokio::spawn({
-            let slots = slots.clone();
-            async move { slots.take().await.is_ok() }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let queued = queue_behind(&slots).await;
         assert!(!queued.is_finished());
         assert_eq!(slots.usage().queued, 1);
         let started = Instant::now();
@@ -187,11 +191,7 @@ mod tests {
     async fn a_raised_cap_lets_queued_requests_in_at_once_and_a_lowered_one_holds_new_ones_back() {
         let slots = Slots::new(1, Duration::from_secs(5));
         let held = slots.take().await.unwrap();
-        let queued = tokio::spawn({
-            let slots = slots.clone();
-            async move { slots.take().await.is_ok() }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let queued = queue_behind(&slots).await;
         let started = Instant::now();
         slots.resize(2);
         assert!(queued.await.unwrap());

@@ -172,3 +172,30 @@ pub fn event_stream() -> (mpsc::Sender<Bytes>, Response<MockBody>) {
         .unwrap_or_else(|e| panic!("event-stream response: {e}"));
     (tx, resp)
 }
+
+/// The test's end of [`event_streams`]: each stream's sender, as its request reaches the upstream.
+pub struct EventStreams(mpsc::UnboundedReceiver<mpsc::Sender<Bytes>>);
+
+impl EventStreams {
+    /// The sender of the next stream opened (within 5 s).
+    pub async fn next(&mut self) -> mpsc::Sender<Bytes> {
+        tokio::time::timeout(std::time::Duration::from_secs(5), self.0.recv())
+            .await
+            .expect("upstream never got the stream request")
+            .expect("the route was dropped")
+    }
+}
+
+/// A route handler answering every request with an [`event_stream`] whose events the test sends.
+pub fn event_streams() -> (
+    impl Fn(&Recorded) -> Response<MockBody> + Send + Sync + 'static,
+    EventStreams,
+) {
+    let (senders, rx) = mpsc::unbounded_channel();
+    let handler = move |_: &Recorded| {
+        let (tx, resp) = event_stream();
+        let _ = senders.send(tx);
+        resp
+    };
+    (handler, EventStreams(rx))
+}

@@ -55,6 +55,8 @@ pub struct Gateway {
     unleash: Option<UnleashMode>,
     /// Route class of requests refused before routing (`none`), shared instead of allocated each time.
     unrouted: Arc<str>,
+    /// `Host` for every forwarded request, made once instead of formatted per request by the client.
+    upstream_host: http::HeaderValue,
 }
 
 /// Settings a config reload may change without a restart. Connections read them when they start,
@@ -145,6 +147,7 @@ impl Gateway {
             metrics,
             upstream: cfg.upstream.clone(),
             unrouted: Arc::from("none"),
+            upstream_host: cfg.upstream.host_header(),
         })
     }
 }
@@ -337,7 +340,7 @@ async fn run_phases(
     }
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::strip_gateway_set(&mut parts.headers);
-    parts.headers.remove(HOST);
+    parts.headers.insert(HOST, gw.upstream_host.clone());
     headers::set_forwarded(&mut parts.headers, ctx.forwarded_for.clone(), ctx.proto, host);
     parts.headers.insert(REQUEST_ID, request_id);
     parts.uri = forward::upstream_uri(&gw.upstream, &path, uri.query())?;

@@ -165,6 +165,11 @@ async fn request_reaches_upstream_exactly_minus_hop_by_hop_and_client_forwarding
     };
     assert_eq!(all("authorization"), vec![CLIENT.to_string()], "original Authorization");
     assert_eq!(
+        all("host"),
+        vec![up.addr.to_string()],
+        "Host names the upstream; the client's travels in X-Forwarded-Host"
+    );
+    assert_eq!(
         all("x-forwarded-for"),
         vec!["127.0.0.1"],
         "only the gateway's own X-Forwarded-For"

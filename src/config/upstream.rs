@@ -1,7 +1,7 @@
 //! The Unleash base URL, split once into the parts every forwarded request reuses.
 
 use http::uri::{Authority, Scheme};
-use http::Uri;
+use http::{HeaderValue, Uri};
 use std::fmt;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,6 +62,22 @@ impl Upstream {
     }
 }
 
+impl Upstream {
+    /// The `Host` every forwarded request carries (RFC 9110 §7.2: the target URI's authority, the port
+    /// left out when it is the scheme's default, as hyper's client would write it). Made once: the
+    /// client's own `Host` travels on in `X-Forwarded-Host`.
+    pub fn host_header(&self) -> HeaderValue {
+        let default_port = if self.scheme == Scheme::HTTPS { 443 } else { 80 };
+        let host = match self.authority.port_u16() {
+            Some(p) if p != default_port => self.authority.as_str(),
+            _ => self.authority.host(),
+        };
+        // An `Authority` holds only bytes valid in a header value; the fallback keeps this free of unwraps.
+        HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(host.as_bytes()))
+            .unwrap_or_else(|_| HeaderValue::from_static("localhost"))
+    }
+}
+
 impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
@@ -71,6 +87,21 @@ impl fmt::Display for Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_header_names_the_upstream_without_a_default_port() {
+        for (url, host) in [
+            ("http://127.0.0.1:4242", "127.0.0.1:4242"),
+            ("http://unleash:80/unleash", "unleash"),
+            ("https://flags.example.com", "flags.example.com"),
+            ("https://flags.example.com:443/api", "flags.example.com"),
+            ("https://flags.example.com:80", "flags.example.com:80"),
+            ("http://[::1]:8080", "[::1]:8080"),
+        ] {
+            let up = Upstream::parse(url).unwrap().upstream;
+            assert_eq!(up.host_header(), host, "{url}");
+        }
+    }
 
     #[test]
     fn api_suffix_is_accepted_with_a_warning() {

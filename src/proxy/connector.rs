@@ -55,8 +55,10 @@ impl tower_service::Service<http::Uri> for CountingConnector {
 }
 
 impl Connection for Counted {
+    /// Plain: the `HttpInfo` extra that `HttpConnector` attaches would be copied into every response's
+    /// extensions (a box and a map per response), and nothing here reads it.
     fn connected(&self) -> Connected {
-        self.io.connected()
+        Connected::new().proxy(self.io.connected().is_proxied())
     }
 }
 

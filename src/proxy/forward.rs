@@ -49,7 +49,9 @@ pub fn upstream_uri(up: &Upstream, path: &CanonicalPath<'_>, query: Option<&str>
         pq.push('?');
         pq.push_str(q);
     }
-    let pq = PathAndQuery::from_maybe_shared(pq).map_err(|e| Rejection::Internal(format!("forward URI: {e}")))?;
+    // As `Bytes`, the buffer is taken over; a `String` would be copied.
+    let pq = PathAndQuery::from_maybe_shared(bytes::Bytes::from(pq))
+        .map_err(|e| Rejection::Internal(format!("forward URI: {e}")))?;
     Uri::builder()
         .scheme(up.scheme.clone())
         .authority(up.authority.clone())

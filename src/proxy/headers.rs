@@ -45,15 +45,28 @@ pub const PATH_OVERRIDES: [HeaderName; 5] = [
 /// listed them, which then simply yields a request without them, never one with ours missing.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
-        let listed: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        for name in listed {
-            headers.remove(name);
+        fn listed(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .filter(|name| !name.is_empty())
+        }
+        // Nearly every `Connection` (`keep-alive`, `close`, `upgrade`) names only connection options or
+        // fields removed below anyway: then there is nothing to collect, and nothing is allocated.
+        let extra = |name: &str| {
+            !name.eq_ignore_ascii_case("close") && !HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_str()))
+        };
+        if listed(headers).any(extra) {
+            let names: Vec<HeaderName> = listed(headers)
+                .filter(|n| extra(n))
+                .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+                .collect();
+            for name in names {
+                headers.remove(name);
+            }
         }
     }
     for name in &HOP_BY_HOP {
@@ -146,6 +159,21 @@ mod tests {
             h.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
             vec!["unleash-appname"]
         );
+    }
+
+    #[test]
+    fn a_connection_naming_only_hop_by_hop_fields_in_any_case_removes_just_those() {
+        let mut h = map(&[
+            ("connection", "Keep-Alive, UPGRADE,,"),
+            ("keep-alive", "timeout=5"),
+            ("upgrade", "h2c"),
+            ("etag", "\"abc\""),
+            ("content-type", "application/json"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, vec!["content-type", "etag"]);
     }
 
     #[test]

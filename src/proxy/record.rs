@@ -234,7 +234,10 @@ pub fn request_id(incoming: Option<&HeaderValue>) -> HeaderValue {
     let mut hex = [0u8; 32];
     // Hex digits are always a valid header value; the fallback only keeps this path free of unwraps.
     match hex::encode_to_slice(fastrand::u128(..).to_be_bytes(), &mut hex) {
-        Ok(()) => HeaderValue::from_bytes(&hex).unwrap_or_else(|_| HeaderValue::from_static("-")),
+        // Owned, the id is one allocation its three copies (upstream, response, log) share; copied
+        // from a slice it would be allocated again on its first clone.
+        Ok(()) => HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(hex))
+            .unwrap_or_else(|_| HeaderValue::from_static("-")),
         Err(_) => HeaderValue::from_static("-"),
     }
 }

@@ -60,9 +60,7 @@ impl Upstream {
             warning,
         })
     }
-}
 
-impl Upstream {
     /// The `Host` every forwarded request carries (RFC 9110 §7.2: the target URI's authority, the port
     /// left out when it is the scheme's default, as hyper's client would write it). Made once: the
     /// client's own `Host` travels on in `X-Forwarded-Host`.

@@ -71,8 +71,7 @@ impl Upstream {
             _ => self.authority.host(),
         };
         // An `Authority` holds only bytes valid in a header value; the fallback keeps this free of unwraps.
-        HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(host.as_bytes()))
-            .unwrap_or_else(|_| HeaderValue::from_static("localhost"))
+        HeaderValue::from_str(host).unwrap_or_else(|_| HeaderValue::from_static("localhost"))
     }
 }
 

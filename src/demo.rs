@@ -138,7 +138,13 @@ pub fn curl_lines(proxy: SocketAddr) -> Vec<CurlLine> {
             "GET",
             "/api/admin/projects",
         ),
-        line(204, "CORS preflight needs no token", None, "OPTIONS", "/api/frontend"),
+        CurlLine {
+            expect: 204,
+            why: "a CORS preflight needs no token",
+            command: format!(
+                "curl -si -X OPTIONS -H 'Origin: https://app.example' -H 'Access-Control-Request-Method: POST' '{base}/api/frontend'"
+            ),
+        },
         line(401, "no token", None, "GET", "/api/client/features"),
         line(
             401,

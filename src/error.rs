@@ -4,6 +4,7 @@
 
 use crate::path::PathError;
 use crate::policy::{DenialStyle, Verdict};
+use crate::proxy::slots::{Saturated, Scope};
 use crate::token::extract::ExtractError;
 use bytes::Bytes;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
@@ -77,10 +78,11 @@ pub enum Rejection {
     UpstreamTimeout(std::time::Duration),
     #[error("upstream failed: {0}")]
     UpstreamFailed(String),
-    /// Every upstream slot (`upstream_max_inflight`) stayed taken for the connect timeout: Unleash is
-    /// slower than the traffic, or held by event streams.
-    #[error("all {0} upstream slots busy")]
-    UpstreamSaturated(usize),
+    /// No upstream slot: every one (`upstream_max_inflight`) stayed taken for the connect timeout
+    /// (Unleash is slower than the traffic, or held by event streams), or this request's connection, token
+    /// or the anonymous requests together already hold their share of them.
+    #[error("upstream slots: the {} limit of {} is reached", .0.scope.as_str(), .0.max)]
+    UpstreamSaturated(Saturated),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -133,7 +135,7 @@ impl Rejection {
             | Rejection::UpstreamConnectTimeout(_)
             | Rejection::UpstreamTimeout(_)
             | Rejection::UpstreamFailed(_)
-            | Rejection::UpstreamSaturated(_) => Blame::Upstream,
+            | Rejection::UpstreamSaturated(Saturated { scope: Scope::Pool, .. }) => Blame::Upstream,
             Rejection::Internal(_) => Blame::Gateway,
             _ => Blame::Downstream,
         }
@@ -151,12 +153,17 @@ impl Rejection {
             | Rejection::MalformedBody => Decision::BadRequest,
             Rejection::NoToken(_) | Rejection::UnknownToken(_) | Rejection::Expired(_) => Decision::Unauthenticated,
             Rejection::WrongScope => Decision::Forbidden,
-            Rejection::RateLimited(_) => Decision::RateLimited,
+            // Over its own share: the client's excess, not Unleash's trouble.
+            Rejection::RateLimited(_)
+            | Rejection::UpstreamSaturated(Saturated {
+                scope: Scope::Connection | Scope::Token | Scope::Anonymous,
+                ..
+            }) => Decision::RateLimited,
             Rejection::UpstreamConnect(_)
             | Rejection::UpstreamConnectTimeout(_)
             | Rejection::UpstreamTimeout(_)
             | Rejection::UpstreamFailed(_)
-            | Rejection::UpstreamSaturated(_) => Decision::UpstreamError,
+            | Rejection::UpstreamSaturated(Saturated { scope: Scope::Pool, .. }) => Decision::UpstreamError,
             Rejection::Internal(_) => Decision::UpstreamError,
         }
     }
@@ -213,8 +220,18 @@ impl Rejection {
             Rejection::UpstreamFailed(_) => {
                 json!({ "message": "The flag server connection failed.", "code": code })
             }
-            Rejection::UpstreamSaturated(_) => {
-                json!({ "message": "The flag server is busy; retry shortly.", "code": code })
+            Rejection::UpstreamSaturated(Saturated { scope, max }) => {
+                let message = match scope {
+                    Scope::Pool => "The flag server is busy; retry shortly.",
+                    Scope::Connection => {
+                        "This connection already has its share of requests at the flag server; retry shortly."
+                    }
+                    Scope::Token => "This token already has its share of requests at the flag server; retry shortly.",
+                    Scope::Anonymous => {
+                        "Requests without a token already have their share of the flag server; retry shortly."
+                    }
+                };
+                json!({ "message": message, "code": code, "limit": scope.as_str(), "max_inflight": max })
             }
             Rejection::Internal(_) => json!({ "message": "Internal gateway error.", "code": code }),
             _ => json!({ "message": self.to_string(), "code": code }),

@@ -6,7 +6,6 @@
 
 use crate::path::CanonicalPath;
 use crate::token::{TokenInfo, TokenKind};
-use http::Method;
 use std::sync::Arc;
 
 /// A set of token kinds, as a bit set so the hot-path test is one AND.
@@ -46,7 +45,7 @@ pub struct Rule {
     pub name: Arc<str>,
     pub prefix: String,
     pub allow: KindSet,
-    /// `OPTIONS` passes without a token (CORS preflight of browser SDKs).
+    /// A real CORS preflight passes without a token (browser SDKs): see [`crate::proxy::headers::is_cors_preflight`].
     pub preflight: bool,
     pub denial: DenialStyle,
 }
@@ -148,7 +147,7 @@ impl Default for Policy {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     Allow,
-    /// Token-less CORS preflight on a route that permits it.
+    /// Token-less CORS preflight on a route that permits it: forwarded without body or credentials.
     Preflight,
     NoToken,
     UnknownToken,
@@ -156,9 +155,11 @@ pub enum Verdict {
     WrongScope,
 }
 
-/// The authorization decision, pure: `token` is the store's entry for the presented token (if any).
-pub fn decide(rule: &Rule, method: &Method, presented: bool, token: Option<&TokenInfo>, now_unix: i64) -> Verdict {
-    if rule.preflight && method == Method::OPTIONS && !presented {
+/// The authorization decision, pure: `token` is the store's entry for the presented token (if any);
+/// `cors_preflight` says the request is a real CORS preflight (an `OPTIONS` with `Origin` and
+/// `Access-Control-Request-Method` and no body), the only request a route may let through without one.
+pub fn decide(rule: &Rule, cors_preflight: bool, presented: bool, token: Option<&TokenInfo>, now_unix: i64) -> Verdict {
+    if rule.preflight && cors_preflight && !presented {
         return Verdict::Preflight;
     }
     if !presented {
@@ -237,25 +238,34 @@ mod tests {
         let p = Policy::default();
         let client = p.route(&canonicalize("/api/client/features").unwrap());
         let front = p.route(&canonicalize("/api/frontend").unwrap());
-        let get = Method::GET;
-        assert_eq!(decide(client, &get, false, None, 0), Verdict::NoToken);
-        assert_eq!(decide(client, &get, true, None, 0), Verdict::UnknownToken);
+        let get = false;
+        assert_eq!(decide(client, get, false, None, 0), Verdict::NoToken);
+        assert_eq!(decide(client, get, true, None, 0), Verdict::UnknownToken);
         assert_eq!(
-            decide(client, &get, true, Some(&tok(TokenKind::Client, None)), 0),
+            decide(client, get, true, Some(&tok(TokenKind::Client, None)), 0),
             Verdict::Allow
         );
         assert_eq!(
-            decide(client, &get, true, Some(&tok(TokenKind::Frontend, None)), 0),
+            decide(client, get, true, Some(&tok(TokenKind::Frontend, None)), 0),
             Verdict::WrongScope
         );
         assert_eq!(
-            decide(client, &get, true, Some(&tok(TokenKind::Client, Some(10))), 10),
+            decide(client, get, true, Some(&tok(TokenKind::Client, Some(10))), 10),
             Verdict::Expired
         );
-        assert_eq!(decide(front, &Method::OPTIONS, false, None, 0), Verdict::Preflight);
-        assert_eq!(decide(client, &Method::OPTIONS, false, None, 0), Verdict::NoToken);
+        assert_eq!(decide(front, true, false, None, 0), Verdict::Preflight);
         assert_eq!(
-            decide(front, &get, true, Some(&tok(TokenKind::Pat, None)), 0),
+            decide(client, true, false, None, 0),
+            Verdict::NoToken,
+            "the route takes no preflights"
+        );
+        assert_eq!(
+            decide(front, false, false, None, 0),
+            Verdict::NoToken,
+            "not a real preflight"
+        );
+        assert_eq!(
+            decide(front, get, true, Some(&tok(TokenKind::Pat, None)), 0),
             Verdict::WrongScope
         );
     }

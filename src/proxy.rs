@@ -63,20 +63,31 @@ pub struct Gateway {
 /// requests when they arrive.
 pub struct Live {
     pub policy: Policy,
-    pub max_request_body: u64,
+    pub body: body::BodyLimits,
     pub upstream_timeout: Duration,
     pub conn: server::ConnLimits,
     pub limiter: Option<crate::ratelimit::RateLimiter>,
+    /// Each connection's and token's share of the upstream slots.
+    pub shares: slots::Shares,
 }
 
 impl Live {
     pub fn from_config(cfg: &Config) -> Live {
         Live {
             policy: Policy::new(cfg.routes.clone()),
-            max_request_body: cfg.max_request_body,
+            body: body::BodyLimits {
+                max: cfg.max_request_body,
+                buffer: cfg.request_body_buffer,
+                stall: cfg.header_read_timeout,
+                min_rate: cfg.min_request_body_rate,
+            },
             upstream_timeout: cfg.upstream_timeout,
             conn: server::ConnLimits::from_config(cfg),
             limiter: (!cfg.rate_limits.is_empty()).then(|| crate::ratelimit::RateLimiter::new(cfg.rate_limits.clone())),
+            shares: slots::Shares {
+                per_connection: cfg.upstream_max_inflight_per_connection,
+                per_token: cfg.upstream_max_inflight_per_token(),
+            },
         }
     }
 }
@@ -89,6 +100,8 @@ pub struct ConnCtx {
     pub forwarded_for: http::HeaderValue,
     pub proto: &'static str,
     pub activity: Option<Arc<conn::Activity>>,
+    /// The upstream slots this connection holds, against its share.
+    pub share: slots::ConnShare,
     /// Turns true at shutdown: open event streams are ended cleanly.
     pub stop: Option<tokio::sync::watch::Receiver<bool>>,
 }
@@ -125,9 +138,12 @@ impl Gateway {
         &self.upstream
     }
 
-    /// Applies a reloaded `upstream_max_inflight`.
-    pub fn resize_upstream_slots(&self, max: usize) {
-        self.slots.resize(max);
+    /// Applies a reloaded configuration's live part, and the upstream slots' new sizes.
+    pub fn apply(&self, cfg: &Config) {
+        let live = Live::from_config(cfg);
+        self.metrics.show_shares(live.shares);
+        self.live.store(Arc::new(live));
+        self.slots.resize(cfg.upstream_max_inflight);
     }
 
     pub fn new(
@@ -138,11 +154,13 @@ impl Gateway {
     ) -> Result<Gateway, crate::tls::TlsError> {
         let slots = slots::Slots::new(cfg.upstream_max_inflight, cfg.upstream_connect_timeout);
         metrics.watch_upstream_slots(slots.clone());
+        let live = Live::from_config(cfg);
+        metrics.show_shares(live.shares);
         Ok(Gateway {
             client: forward::build_client(cfg, metrics.upstream_connections.clone())?,
             slots,
             unleash,
-            live: ArcSwap::from_pointee(Live::from_config(cfg)),
+            live: ArcSwap::from_pointee(live),
             store,
             metrics,
             upstream: cfg.upstream.clone(),
@@ -282,9 +300,11 @@ async fn run_phases(
 ) -> Result<Response<ProxyBody>, Rejection> {
     let (mut parts, body) = req.into_parts();
     let uri = std::mem::take(&mut parts.uri);
+    let live = gw.live.load();
 
-    // 1. canonicalize. HTTP/2 always carries scheme and authority; HTTP/1 only in absolute-form, which
-    // names a host the client wants and is refused rather than silently re-targeted.
+    // 1. validate: everything that can be refused from the request head alone, before any token work.
+    // HTTP/2 always carries scheme and authority; HTTP/1 only in absolute-form, which names a host the
+    // client wants and is refused rather than silently re-targeted.
     if parts.version < Version::HTTP_2 && (uri.scheme().is_some() || uri.authority().is_some()) {
         return Err(Rejection::NotOriginForm);
     }
@@ -297,10 +317,28 @@ async fn run_phases(
     }
     let path = canonicalize(uri.path()).map_err(Rejection::BadPath)?;
     out.path = Some(path.as_str().to_owned());
-    let live = gw.live.load();
     let rule = live.policy.route(&path);
     out.route_class = rule.name.clone();
     out.browser_route = rule.preflight;
+    let mut hosts = parts.headers.get_all(HOST).iter();
+    let host = hosts.next().cloned().or_else(|| {
+        uri.authority()
+            .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
+    });
+    if hosts.next().is_some() {
+        return Err(Rejection::DuplicateHost);
+    }
+    // A declared length over the limit is refused before anything is read or sent; an undeclared one
+    // is cut when it crosses the limit.
+    let limits = live.body;
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max) {
+        return Err(Rejection::BodyTooLarge(limits.max));
+    }
 
     // 2. authenticate
     let token = extract(&parts.headers).map_err(Rejection::BadAuthorization)?;
@@ -320,7 +358,8 @@ async fn run_phases(
     }
 
     // 3. authorize
-    let verdict = decide(rule, &parts.method, presented, entry.as_deref(), now_unix());
+    let cors_preflight = headers::is_cors_preflight(&parts.method, &parts.headers);
+    let verdict = decide(rule, cors_preflight, presented, entry.as_deref(), now_unix());
     if let Some(rej) = Rejection::from_verdict(verdict, rule.denial) {
         return Err(rej);
     }
@@ -328,51 +367,53 @@ async fn run_phases(
     if let (Some(limiter), Some(info), Some(d)) = (&live.limiter, &entry, &digest) {
         limiter.check(d, info).map_err(Rejection::RateLimited)?;
     }
+    let anonymous = verdict == Verdict::Preflight;
 
     // 4. prepare
-    let mut hosts = parts.headers.get_all(HOST).iter();
-    let host = hosts.next().cloned().or_else(|| {
-        uri.authority()
-            .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
-    });
-    if hosts.next().is_some() {
-        return Err(Rejection::DuplicateHost);
-    }
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::strip_gateway_set(&mut parts.headers);
+    if anonymous {
+        headers::strip_for_preflight(&mut parts.headers);
+    }
     parts.headers.insert(HOST, gw.upstream_host.clone());
     headers::set_forwarded(&mut parts.headers, ctx.forwarded_for.clone(), ctx.proto, host);
     parts.headers.insert(REQUEST_ID, request_id);
     parts.uri = forward::upstream_uri(&gw.upstream, &path, uri.query())?;
     parts.version = Version::HTTP_11;
 
-    // 5. forward
-    let sent = Instant::now();
-    // Bodies stream through, counted: a declared length over the limit is refused before anything is
-    // sent, an undeclared one is cut when it crosses the limit (the client error becomes a 413).
-    let limit = live.max_request_body;
-    let declared = parts
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit) {
-        return Err(Rejection::BodyTooLarge(limit));
-    }
+    // 5. forward. The body (up to the buffer) is read before a slot is taken: a slow client costs its
+    // own connection, never one of Unleash's slots. A preflight goes without one.
     let fault = body::FaultCell::default();
-    // A body that stops arriving gets the same time limit as a head that stops arriving.
-    let body = body::DownstreamBody::new(body, limit, live.conn.header_read_timeout, fault.clone());
+    let body = if anonymous {
+        body::UpstreamBody::Empty
+    } else {
+        body::read_head(body, limits, fault.clone())
+            .await
+            .map_err(|f| forward::body_rejection(f, limits.max))?
+    };
     let upstream_timeout = live.upstream_timeout;
+    let shares = live.shares;
     drop(live);
+    let sent = Instant::now();
     // Queueing for a slot counts as upstream time: it is Unleash's pace that makes requests wait.
-    let slot = gw.slots.take().await;
+    let owner = slots::Owner {
+        connection: &ctx.share,
+        token: if anonymous { None } else { digest.as_ref().map(|d| &d.0) },
+    };
+    let slot = gw.slots.take_for(owner, shares).await;
     out.upstream_time = Some(sent.elapsed());
-    out.slot = Some(slot?);
+    out.slot = Some(slot.map_err(|s| {
+        gw.metrics
+            .upstream_slot_refusals
+            .with_label_values(&[s.scope.as_str()])
+            .inc();
+        Rejection::UpstreamSaturated(s)
+    })?);
     let result = tokio::time::timeout(upstream_timeout, gw.client.request(Request::from_parts(parts, body))).await;
     out.upstream_time = Some(sent.elapsed());
     let resp = result
         .map_err(|_| Rejection::UpstreamTimeout(upstream_timeout))?
-        .map_err(|e| forward::classify(e, limit, fault.get()))?;
+        .map_err(|e| forward::classify(e, limits.max, fault.get()))?;
     let (mut rparts, rbody) = resp.into_parts();
     headers::strip_hop_by_hop(&mut rparts.headers);
     Ok(Response::from_parts(rparts, Either::Left(rbody)))

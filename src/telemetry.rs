@@ -31,6 +31,10 @@ pub struct Metrics {
     upstream_inflight: IntGauge,
     upstream_queued: IntGauge,
     upstream_max_inflight: IntGauge,
+    /// Requests refused an upstream slot, by the limit that refused them.
+    pub upstream_slot_refusals: IntCounterVec,
+    /// Each owner's share of the upstream slots (`connection`, `token`).
+    pub upstream_share: IntGaugeVec,
     /// The gateway's upstream slots, read at scrape time.
     upstream_slots: OnceLock<std::sync::Arc<crate::proxy::slots::Slots>>,
     pub ready: IntGauge,
@@ -156,6 +160,20 @@ impl Metrics {
             "flaggate_upstream_max_inflight",
             "The upstream slots (upstream_max_inflight); beyond them requests queue, then get 503",
         ));
+        let upstream_slot_refusals = must(IntCounterVec::new(
+            Opts::new(
+                "flaggate_upstream_slot_refusals_total",
+                "Requests refused an upstream slot (503 upstream_saturated), by the limit that refused them: pool, connection, token, anonymous",
+            ),
+            &["limit"],
+        ));
+        let upstream_share = must(IntGaugeVec::new(
+            Opts::new(
+                "flaggate_upstream_max_inflight_share",
+                "Upstream slots one connection or one token (and all token-less requests together) may hold at once",
+            ),
+            &["limit"],
+        ));
         let ready = must(IntGauge::new(
             "flaggate_ready",
             "1 when /ready answers 200 (a token set is loaded and not draining), else 0",
@@ -200,6 +218,8 @@ impl Metrics {
             Box::new(upstream_inflight.clone()),
             Box::new(upstream_queued.clone()),
             Box::new(upstream_max_inflight.clone()),
+            Box::new(upstream_slot_refusals.clone()),
+            Box::new(upstream_share.clone()),
             Box::new(ready.clone()),
             Box::new(config_reloads.clone()),
             Box::new(config_last_reload_success.clone()),
@@ -208,13 +228,10 @@ impl Metrics {
         ] {
             must(registry.register(c));
         }
+        // The standard names (`process_resident_memory_bytes`, `process_cpu_seconds_total`, …) that every
+        // stock dashboard and alert looks for, not a `flaggate_` copy of them.
         #[cfg(target_os = "linux")]
-        must(
-            registry.register(Box::new(prometheus::process_collector::ProcessCollector::new(
-                std::process::id() as i32,
-                "flaggate",
-            ))),
-        );
+        must(registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self())));
         let m = Metrics {
             registry,
             requests,
@@ -235,6 +252,8 @@ impl Metrics {
             upstream_inflight,
             upstream_queued,
             upstream_max_inflight,
+            upstream_slot_refusals,
+            upstream_share,
             upstream_slots: OnceLock::new(),
             ready,
             config_reloads,
@@ -258,6 +277,9 @@ impl Metrics {
             m.token_source_updates.with_label_values(&["file", r]);
         }
         m.connections.with_label_values(&["proxy"]);
+        for l in crate::proxy::slots::Scope::ALL {
+            m.upstream_slot_refusals.with_label_values(&[l.as_str()]);
+        }
         for r in ["ok", "error"] {
             m.config_reloads.with_label_values(&[r]);
         }
@@ -309,6 +331,16 @@ impl Metrics {
         let mut out = Vec::with_capacity(16 * 1024);
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
+    }
+
+    /// Shows the per-owner shares in force.
+    pub fn show_shares(&self, shares: crate::proxy::slots::Shares) {
+        self.upstream_share
+            .with_label_values(&["connection"])
+            .set(i64::from(shares.per_connection));
+        self.upstream_share
+            .with_label_values(&["token"])
+            .set(i64::from(shares.per_token));
     }
 
     /// Reports these slots in `/metrics` from now on.

@@ -150,7 +150,9 @@ async fn upstream_slots_are_resized_by_a_reload_without_dropping_open_streams() 
     let gw = gateway()
         .upstream(up.url())
         .token(CLIENT, "client")
-        .config("upstream_max_inflight = 1\nupstream_connect_timeout = \"300ms\"\n")
+        .config(
+            "upstream_max_inflight = 1\nupstream_max_inflight_per_token = 10\nupstream_connect_timeout = \"300ms\"\n",
+        )
         .start()
         .await;
     // An event stream holds the one slot.
@@ -169,7 +171,7 @@ async fn upstream_slots_are_resized_by_a_reload_without_dropping_open_streams() 
 
     std::fs::write(
         gw.dir.path().join("flaggate.toml"),
-        "upstream_max_inflight = 2\nupstream_connect_timeout = \"300ms\"\n",
+        "upstream_max_inflight = 2\nupstream_max_inflight_per_token = 10\nupstream_connect_timeout = \"300ms\"\n",
     )
     .unwrap();
     gw.running.as_ref().unwrap().reload();

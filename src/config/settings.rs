@@ -57,12 +57,28 @@ pub struct Settings {
     /// ends, event streams included); more wait up to the connect timeout, then get 503 [default: 1024]
     #[arg(long, env = "FLAGGATE_UPSTREAM_MAX_INFLIGHT", value_name = "N")]
     pub upstream_max_inflight: Option<String>,
+    /// One client connection's share of the upstream slots: more of its requests at Unleash at once get
+    /// 503 (HTTP/2 multiplexes many on one connection) [default: 32]
+    #[arg(long, env = "FLAGGATE_UPSTREAM_MAX_INFLIGHT_PER_CONNECTION", value_name = "N")]
+    pub upstream_max_inflight_per_connection: Option<String>,
+    /// One token's share of the upstream slots (requests without a token share one such share); more of
+    /// its requests at Unleash at once get 503 [default: a quarter of upstream_max_inflight]
+    #[arg(long, env = "FLAGGATE_UPSTREAM_MAX_INFLIGHT_PER_TOKEN", value_name = "N")]
+    pub upstream_max_inflight_per_token: Option<String>,
     /// Largest request head (request line + headers); larger → 431 [default: 16KiB]
     #[arg(long, env = "FLAGGATE_MAX_HEADER_BYTES", value_name = "SIZE")]
     pub max_header_bytes: Option<String>,
     /// Largest request body, counted as it streams; larger → 413 [default: 10MiB]
     #[arg(long, env = "FLAGGATE_MAX_REQUEST_BODY", value_name = "SIZE")]
     pub max_request_body: Option<String>,
+    /// A request body is read into memory up to this size before the request takes an upstream slot;
+    /// longer bodies stream on from there [default: 64KiB]
+    #[arg(long, env = "FLAGGATE_REQUEST_BODY_BUFFER", value_name = "SIZE")]
+    pub request_body_buffer: Option<String>,
+    /// Slowest average rate a streamed request body may keep (after header_read_timeout), per second;
+    /// slower → 408. `0` turns it off [default: 4KiB]
+    #[arg(long, env = "FLAGGATE_MIN_REQUEST_BODY_RATE", value_name = "SIZE")]
+    pub min_request_body_rate: Option<String>,
     /// Most concurrent HTTP/2 streams per connection [default: 128]
     #[arg(long, env = "FLAGGATE_H2_MAX_STREAMS", value_name = "N")]
     pub h2_max_streams: Option<String>,
@@ -317,6 +333,20 @@ impl Settings {
                 Some("1024"),
                 parse_count,
             )?),
+            upstream_max_inflight_per_connection: must(l.pick(
+                "upstream_max_inflight_per_connection",
+                &self.upstream_max_inflight_per_connection,
+                &file.upstream_max_inflight_per_connection,
+                Some("32"),
+                parse_count,
+            )?),
+            upstream_max_inflight_per_token: l.pick(
+                "upstream_max_inflight_per_token",
+                &self.upstream_max_inflight_per_token,
+                &file.upstream_max_inflight_per_token,
+                None,
+                parse_count,
+            )?,
             max_header_bytes: must(l.pick(
                 "max_header_bytes",
                 &self.max_header_bytes,
@@ -334,6 +364,29 @@ impl Settings {
                 &file.max_request_body,
                 Some("10MiB"),
                 parse_bytes,
+            )?),
+            request_body_buffer: must(l.pick(
+                "request_body_buffer",
+                &self.request_body_buffer,
+                &file.request_body_buffer,
+                Some("64KiB"),
+                |v| match parse_bytes(v)? {
+                    n if n > 16 << 20 => Err(format!("`{v}` is above the maximum of 16MiB")),
+                    n => Ok(n as usize),
+                },
+            )?),
+            min_request_body_rate: must(l.pick(
+                "min_request_body_rate",
+                &self.min_request_body_rate,
+                &file.min_request_body_rate,
+                Some("4KiB"),
+                |v| {
+                    if v.trim() == "0" {
+                        Ok(0)
+                    } else {
+                        parse_bytes(v.trim().trim_end_matches("/s"))
+                    }
+                },
             )?),
             h2_max_streams: must(l.pick(
                 "h2_max_streams",

@@ -1,9 +1,10 @@
-//! The request body on its way upstream: size-limited as it streams, cut when the client stalls in it,
-//! and remembering whether *it* failed, so that a broken client body is answered 400/408/413 (the
-//! client's fault), not 502/504.
+//! The request body on its way upstream: read into a bounded buffer before an upstream slot is taken,
+//! size-limited as it streams, cut when the client stalls in it or falls below a minimum rate, and
+//! remembering whether *it* failed, so that a broken client body is answered 400/408/413 (the client's
+//! fault), not 502/504.
 
 use bytes::Bytes;
-use http_body_util::{LengthLimitError, Limited};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use std::future::Future;
 use std::pin::Pin;
@@ -47,25 +48,185 @@ impl FaultCell {
     }
 }
 
+/// How much of a request body the gateway takes before it asks for an upstream slot, and how slow a
+/// client may be. Upstream slots are scarce and a client is not: a body that trickles in while holding a
+/// slot would let a handful of slow clients hold the whole pool (nginx buffers request bodies before it
+/// connects upstream for the same reason).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BodyLimits {
+    /// The most a body may have (`max_request_body`).
+    pub max: u64,
+    /// Read into memory before the upstream slot is taken (`request_body_buffer`); a longer body
+    /// streams on from there.
+    pub buffer: usize,
+    /// The buffered part must arrive within this time, and the streamed rest may pause this long at
+    /// most (`header_read_timeout`).
+    pub stall: Duration,
+    /// After `stall`, the streamed rest must have kept up this many bytes a second on average
+    /// (`min_request_body_rate`), so that one byte every few seconds cannot hold a slot for hours.
+    pub min_rate: u64,
+}
+
+/// The request body as it goes upstream.
+pub enum UpstreamBody {
+    /// No body at all, as on almost every request: nothing to read, no timer.
+    Empty,
+    /// The whole body, read before the upstream slot was taken (and any trailers after it).
+    Buffered {
+        data: Option<Bytes>,
+        trailers: Option<http::HeaderMap>,
+    },
+    /// A body longer than the buffer: what was read, then the rest as it arrives.
+    Streaming { head: Option<Bytes>, rest: DownstreamBody },
+}
+
+/// Reads a request body up to `limits.buffer` bytes, within `limits.stall`. Errors are the client's:
+/// too large (413), malformed (400), too slow (408).
+pub async fn read_head(body: Incoming, limits: BodyLimits, fault: FaultCell) -> Result<UpstreamBody, BodyFault> {
+    if body.is_end_stream() {
+        return Ok(UpstreamBody::Empty);
+    }
+    let started = Instant::now();
+    let deadline = started + limits.stall;
+    let mut body = Limited::new(body, usize::try_from(limits.max).unwrap_or(usize::MAX));
+    let mut read = bytes::BytesMut::new();
+    // The common small body arrives as one frame: kept as it is, not copied.
+    let mut first: Option<Bytes> = None;
+    let mut trailers = None;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(BodyFault::Stalled),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(fault_of(&e)),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => {
+                trailers = frame.into_trailers().ok();
+                continue;
+            }
+        };
+        match first.take() {
+            None if read.is_empty() => first = Some(data),
+            Some(prev) => {
+                read.extend_from_slice(&prev);
+                read.extend_from_slice(&data);
+            }
+            None => read.extend_from_slice(&data),
+        }
+        let held = first.as_ref().map_or(read.len(), Bytes::len);
+        if held >= limits.buffer {
+            let head = first.take().unwrap_or_else(|| read.split().freeze());
+            let rest = DownstreamBody::resume(body, limits, fault, started, held as u64);
+            return Ok(UpstreamBody::Streaming { head: Some(head), rest });
+        }
+    }
+    let data = first.or_else(|| (!read.is_empty()).then(|| read.freeze()));
+    Ok(UpstreamBody::Buffered { data, trailers })
+}
+
+fn fault_of(e: &BoxError) -> BodyFault {
+    if e.downcast_ref::<LengthLimitError>().is_some() {
+        BodyFault::TooLarge
+    } else {
+        BodyFault::Malformed
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Empty => Poll::Ready(None),
+            UpstreamBody::Buffered { data, trailers } => Poll::Ready(
+                data.take()
+                    .map(Frame::data)
+                    .or_else(|| trailers.take().map(Frame::trailers))
+                    .map(Ok),
+            ),
+            UpstreamBody::Streaming { head, rest } => match head.take() {
+                Some(h) => Poll::Ready(Some(Ok(Frame::data(h)))),
+                None => Pin::new(rest).poll_frame(cx),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Empty => true,
+            UpstreamBody::Buffered { data, trailers } => data.is_none() && trailers.is_none(),
+            UpstreamBody::Streaming { head, rest } => head.is_none() && rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Empty => SizeHint::with_exact(0),
+            UpstreamBody::Buffered { data, .. } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            UpstreamBody::Streaming { head, rest } => {
+                let h = head.as_ref().map_or(0, |d| d.len() as u64);
+                let r = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(r.lower() + h);
+                if let Some(u) = r.upper() {
+                    hint.set_upper(u + h);
+                }
+                hint
+            }
+        }
+    }
+}
+
+/// The streamed rest of a long body: size-limited as it streams, cut when the client pauses longer
+/// than the stall limit or falls below the minimum rate.
 pub struct DownstreamBody {
     inner: Limited<Incoming>,
     fault: FaultCell,
     stall_limit: Duration,
-    /// Armed the first time the body is not ready, so bodiless requests (never polled) cost no timer.
+    /// When the body started, and the bytes received since: the minimum-rate clock.
+    started: Instant,
+    received: u64,
+    min_rate: u64,
+    /// Armed the first time the body is not ready.
     stall: Option<Pin<Box<Sleep>>>,
     /// The last poll found no bytes: the stall clock is running.
     waiting: bool,
 }
 
 impl DownstreamBody {
-    pub fn new(body: Incoming, limit: u64, stall_limit: Duration, fault: FaultCell) -> DownstreamBody {
+    fn resume(
+        inner: Limited<Incoming>,
+        limits: BodyLimits,
+        fault: FaultCell,
+        started: Instant,
+        received: u64,
+    ) -> DownstreamBody {
         DownstreamBody {
-            inner: Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)),
+            inner,
             fault,
-            stall_limit,
+            stall_limit: limits.stall,
+            started,
+            received,
+            min_rate: limits.min_rate,
             stall: None,
             waiting: false,
         }
+    }
+
+    /// The instant by which the next byte must arrive to keep the average at the minimum rate (after a
+    /// grace of one stall limit, so a body's slow start is not held against it).
+    fn rate_deadline(&self) -> Option<Instant> {
+        (self.min_rate > 0).then(|| {
+            self.started + self.stall_limit + Duration::from_secs_f64(self.received as f64 / self.min_rate as f64)
+        })
+    }
+
+    fn too_slow(&self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.fault.set(BodyFault::Stalled);
+        Poll::Ready(Some(Err("request body too slow".into())))
     }
 }
 
@@ -80,7 +241,10 @@ impl Body for DownstreamBody {
             // The clock starts when the client's bytes run out, not when we last asked: time the upstream
             // spent not reading the body is not the client's stall.
             if !this.waiting {
-                let deadline = Instant::now() + this.stall_limit;
+                let mut deadline = Instant::now() + this.stall_limit;
+                if let Some(rate) = this.rate_deadline() {
+                    deadline = deadline.min(rate);
+                }
                 match &mut this.stall {
                     Some(stall) => stall.as_mut().reset(deadline),
                     None => this.stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
@@ -89,19 +253,24 @@ impl Body for DownstreamBody {
             }
             if let Some(stall) = &mut this.stall {
                 if stall.as_mut().poll(cx).is_ready() {
-                    this.fault.set(BodyFault::Stalled);
-                    return Poll::Ready(Some(Err("request body stalled".into())));
+                    return this.too_slow();
                 }
             }
             return Poll::Pending;
         }
         this.waiting = false;
-        if let Poll::Ready(Some(Err(e))) = &r {
-            this.fault.set(if e.downcast_ref::<LengthLimitError>().is_some() {
-                BodyFault::TooLarge
-            } else {
-                BodyFault::Malformed
-            });
+        match &r {
+            Poll::Ready(Some(Err(e))) => this.fault.set(fault_of(e)),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.received += data.len() as u64;
+                    // A client that keeps sending, but too little: behind the rate even with this frame.
+                    if this.rate_deadline().is_some_and(|d| Instant::now() > d) {
+                        return this.too_slow();
+                    }
+                }
+            }
+            _ => {}
         }
         r
     }

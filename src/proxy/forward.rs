@@ -1,6 +1,6 @@
 //! The upstream side: one pooled client, the forwarded URI, and what upstream failures mean.
 
-use super::body::{BodyFault, DownstreamBody};
+use super::body::{BodyFault, UpstreamBody};
 use super::connector::CountingConnector;
 use crate::config::{Config, Upstream};
 use crate::error::Rejection;
@@ -14,7 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::time::Duration;
 
-pub type UpstreamClient = Client<HttpsConnector<CountingConnector>, DownstreamBody>;
+pub type UpstreamClient = Client<HttpsConnector<CountingConnector>, UpstreamBody>;
 
 /// Keep-alive pool sized for SDK fan-in: many short requests to one host. `https://` upstreams are
 /// verified against the platform roots plus `--upstream-ca`; there is no "skip verification".
@@ -63,11 +63,8 @@ pub fn upstream_uri(up: &Upstream, path: &CanonicalPath<'_>, query: Option<&str>
 /// Sorts a client error: connect timed out (504), could not connect (502), connection broke (502).
 pub fn classify(err: hyper_util::client::legacy::Error, body_limit: u64, body_fault: Option<BodyFault>) -> Rejection {
     // The client's own body broke the exchange: its fault, not the upstream's.
-    match body_fault {
-        Some(BodyFault::TooLarge) => return Rejection::BodyTooLarge(body_limit),
-        Some(BodyFault::Malformed) => return Rejection::MalformedBody,
-        Some(BodyFault::Stalled) => return Rejection::BodyTimeout,
-        None => {}
+    if let Some(fault) = body_fault {
+        return body_rejection(fault, body_limit);
     }
     let detail = crate::error::error_chain(&err);
     let timed_out = crate::error::sources(&err).any(|s| {
@@ -80,5 +77,14 @@ pub fn classify(err: hyper_util::client::legacy::Error, body_limit: u64, body_fa
         Rejection::UpstreamConnect(detail)
     } else {
         Rejection::UpstreamFailed(detail)
+    }
+}
+
+/// A request body that failed on the client's side: too large (413), malformed (400), too slow (408).
+pub fn body_rejection(fault: BodyFault, limit: u64) -> Rejection {
+    match fault {
+        BodyFault::TooLarge => Rejection::BodyTooLarge(limit),
+        BodyFault::Malformed => Rejection::MalformedBody,
+        BodyFault::Stalled => Rejection::BodyTimeout,
     }
 }

@@ -2,6 +2,7 @@
 //! (Traefik CVE-2021-32813, CVE-2024-45410) or which forwarding headers it trusts is not a gate.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Method;
 use std::net::IpAddr;
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1, plus the non-standard `Keep-Alive` and `Proxy-Connection` that
@@ -38,6 +39,38 @@ pub const PATH_OVERRIDES: [HeaderName; 5] = [
     HeaderName::from_static("x-forwarded-prefix"),
     HeaderName::from_static("x-forwarded-path"),
 ];
+
+/// A real CORS preflight (Fetch standard, "CORS-preflight request"): `OPTIONS` with `Origin` and
+/// `Access-Control-Request-Method`, and no body — browsers never send one, so a declared length above
+/// zero or any `Transfer-Encoding` makes it something else. Only this request may pass a browser route
+/// without a token; anything else that merely uses `OPTIONS` is a request like any other.
+pub fn is_cors_preflight(method: &Method, headers: &HeaderMap) -> bool {
+    method == Method::OPTIONS
+        && headers.contains_key(header::ORIGIN)
+        && headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+        && !headers.contains_key(header::TRANSFER_ENCODING)
+        && headers
+            .get_all(header::CONTENT_LENGTH)
+            .iter()
+            .all(|v| v.as_bytes().iter().all(|b| *b == b'0'))
+}
+
+/// What a token-less preflight may not carry upstream: a preflight asks whether a request *would* be
+/// allowed, so it is sent with no credentials (a present-but-empty `Authorization`, a cookie) and no
+/// body or body framing, and Unleash answers it from the CORS headers alone.
+pub const PREFLIGHT_STRIP: [HeaderName; 4] = [
+    header::AUTHORIZATION,
+    header::COOKIE,
+    header::CONTENT_LENGTH,
+    header::CONTENT_TYPE,
+];
+
+/// Removes [`PREFLIGHT_STRIP`] from a preflight about to be forwarded.
+pub fn strip_for_preflight(headers: &mut HeaderMap) {
+    for name in &PREFLIGHT_STRIP {
+        headers.remove(name);
+    }
+}
 
 /// Removes the fields named in `Connection` (RFC 9110 §7.6.1: "a proxy MUST parse the Connection
 /// header field … and remove any header field(s) … with the same name") and then the fixed hop-by-hop
@@ -139,6 +172,33 @@ mod tests {
             );
         }
         h
+    }
+
+    #[test]
+    fn only_a_bodiless_options_with_origin_and_request_method_is_a_preflight() {
+        let pre = [
+            ("origin", "https://app.example"),
+            ("access-control-request-method", "POST"),
+        ];
+        assert!(is_cors_preflight(&Method::OPTIONS, &map(&pre)));
+        assert!(is_cors_preflight(
+            &Method::OPTIONS,
+            &map(&[pre[0], pre[1], ("content-length", "0")])
+        ));
+        assert!(!is_cors_preflight(&Method::GET, &map(&pre)), "not OPTIONS");
+        assert!(
+            !is_cors_preflight(&Method::OPTIONS, &map(&pre[..1])),
+            "no request method"
+        );
+        assert!(!is_cors_preflight(&Method::OPTIONS, &map(&pre[1..])), "no origin");
+        assert!(!is_cors_preflight(
+            &Method::OPTIONS,
+            &map(&[pre[0], pre[1], ("content-length", "1")])
+        ));
+        assert!(!is_cors_preflight(
+            &Method::OPTIONS,
+            &map(&[pre[0], pre[1], ("transfer-encoding", "chunked")])
+        ));
     }
 
     #[test]

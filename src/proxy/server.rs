@@ -168,6 +168,7 @@ async fn serve_conn<S>(
         forwarded_for: super::headers::forwarded_for(peer.ip()),
         proto,
         activity: Some(activity.clone()),
+        share: Default::default(),
         stop: Some(stop.clone()),
     };
     let svc = service_fn(move |req| handle(gw.clone(), req, ctx.clone()));

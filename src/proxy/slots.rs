@@ -2,12 +2,16 @@
 //! event streams, would make the gateway open one upstream connection per waiting client and pile the
 //! whole fleet's load onto the flag server just when it is struggling.
 //!
-//! Taking and giving back a slot is one atomic add each and never a lock: a request only touches the
-//! wait queue (a `Notify`) when every slot is taken. (tokio's `Semaphore` locks its waiter list on every
+//! The pool is shared, so it is also something to fight over: one client connection, one token (a
+//! frontend token is public: it ships in every browser bundle) or the anonymous CORS preflights together
+//! may each hold only a share of it ([`Owner`]). A request over its owner's share is refused at once
+//! instead of queueing: waiting would only let the greedy owner keep what it holds.
+//!
+//! Taking and giving back a slot is a few atomic adds and never a lock: a request only touches the wait
+//! queue (a `Notify`) when every slot is taken. (tokio's `Semaphore` locks its waiter list on every
 //! release, which would put a lock on every forwarded request.)
 
-use crate::error::Rejection;
-use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -21,6 +25,71 @@ pub struct Slots {
     max: AtomicUsize,
     /// How long a request may queue for a slot: as long as it may wait to connect.
     wait: Duration,
+    /// Slots held per token, by the token digest's first two bytes. A digest is SHA-256 of a secret,
+    /// so two live tokens share a counter (and so a share) with probability 1/65,536; in exchange the
+    /// count needs no map, no lock and no allocation per request.
+    per_token: Arc<[AtomicU32]>,
+    /// Slots held by anonymous requests (CORS preflights) together.
+    anonymous: Arc<AtomicU32>,
+}
+
+const TOKEN_COUNTERS: usize = 1 << 16;
+
+/// Who a share of the pool is counted against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// The whole pool (`upstream_max_inflight`): Unleash is slower than the traffic.
+    Pool,
+    /// One client connection (`upstream_max_inflight_per_connection`).
+    Connection,
+    /// One token (`upstream_max_inflight_per_token`).
+    Token,
+    /// Every request without a token (CORS preflights), together; same share as one token.
+    Anonymous,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 4] = [Scope::Pool, Scope::Connection, Scope::Token, Scope::Anonymous];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Pool => "pool",
+            Scope::Connection => "connection",
+            Scope::Token => "token",
+            Scope::Anonymous => "anonymous",
+        }
+    }
+}
+
+/// No slot: which limit said no, and its size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Saturated {
+    pub scope: Scope,
+    pub max: usize,
+}
+
+/// The slots one connection holds: one counter per client connection.
+#[derive(Clone, Default)]
+pub struct ConnShare(Arc<AtomicU32>);
+
+impl ConnShare {
+    pub fn held(&self) -> u32 {
+        self.0.load(SeqCst)
+    }
+}
+
+/// What a request's slot is counted against besides the pool.
+pub struct Owner<'a> {
+    pub connection: &'a ConnShare,
+    /// The token's digest bytes; `None` for an anonymous request.
+    pub token: Option<&'a [u8; 32]>,
+}
+
+/// The per-owner shares in force (reloadable with the rest of the live settings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shares {
+    pub per_connection: u32,
+    pub per_token: u32,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -30,19 +99,35 @@ pub struct Usage {
     pub max: usize,
 }
 
+/// One owner's count, taken back when the slot is dropped.
+enum Held {
+    Token(Arc<[AtomicU32]>, usize),
+    Anonymous(Arc<AtomicU32>),
+}
+
+impl Held {
+    fn counter(&self) -> &AtomicU32 {
+        match self {
+            Held::Token(all, i) => &all[*i],
+            Held::Anonymous(c) => c,
+        }
+    }
+}
+
 /// One slot, held until the response body ends (or the request fails), then given back.
-pub struct Slot(Arc<Slots>);
+pub struct Slot {
+    pool: Arc<Slots>,
+    /// `None` for a slot taken for the gateway's own requests (token sync, PAT checks).
+    owned: Option<(ConnShare, Held)>,
+}
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let before = self.0.taken.fetch_sub(1, SeqCst);
-        // Only a give-back that frees a place wakes a waiter: undoing an overshoot while every slot is
-        // held must not, or queued requests would wake each other in a loop. SeqCst everywhere (a plain
-        // load on x86): either this load sees the waiter, or the waiter's retry sees the free place, and
-        // the same holds between `resize` and a waiter.
-        if before <= self.0.max.load(SeqCst) && self.0.waiting.load(SeqCst) > 0 {
-            self.0.freed.notify_one();
+        if let Some((conn, held)) = &self.owned {
+            conn.0.fetch_sub(1, SeqCst);
+            held.counter().fetch_sub(1, SeqCst);
         }
+        self.pool.give_back();
     }
 }
 
@@ -55,6 +140,16 @@ impl Drop for Queued<'_> {
     }
 }
 
+/// Adds one to `counter` if that keeps it at or under `cap`.
+fn claim(counter: &AtomicU32, cap: u32) -> bool {
+    if counter.fetch_add(1, SeqCst) < cap {
+        true
+    } else {
+        counter.fetch_sub(1, SeqCst);
+        false
+    }
+}
+
 impl Slots {
     pub fn new(max: usize, wait: Duration) -> Arc<Slots> {
         Arc::new(Slots {
@@ -63,16 +158,67 @@ impl Slots {
             freed: Notify::new(),
             max: AtomicUsize::new(max.max(1)),
             wait,
+            per_token: (0..TOKEN_COUNTERS).map(|_| AtomicU32::new(0)).collect(),
+            anonymous: Arc::new(AtomicU32::new(0)),
         })
     }
 
-    /// Optimistic: one add when a slot is free; an overshoot is undone at once.
+    fn give_back(&self) {
+        let before = self.taken.fetch_sub(1, SeqCst);
+        // Only a give-back that frees a place wakes a waiter: undoing an overshoot while every slot is
+        // held must not, or queued requests would wake each other in a loop. SeqCst everywhere (a plain
+        // load on x86): either this load sees the waiter, or the waiter's retry sees the free place, and
+        // the same holds between `resize` and a waiter.
+        if before <= self.max.load(SeqCst) && self.waiting.load(SeqCst) > 0 {
+            self.freed.notify_one();
+        }
+    }
+
+    /// Optimistic: one add when a slot is free; an overshoot is undone at once (by the dropped slot).
     fn try_take(self: &Arc<Self>) -> Option<Slot> {
-        let slot = Slot(self.clone());
+        let slot = Slot {
+            pool: self.clone(),
+            owned: None,
+        };
         (self.taken.fetch_add(1, SeqCst) < self.max.load(SeqCst)).then_some(slot)
     }
 
-    pub async fn take(self: &Arc<Self>) -> Result<Slot, Rejection> {
+    /// A slot for a client's request: first its owner's shares (refused at once when full), then a place
+    /// in the pool (queued for the wait when full).
+    pub async fn take_for(self: &Arc<Self>, owner: Owner<'_>, shares: Shares) -> Result<Slot, Saturated> {
+        if !claim(&owner.connection.0, shares.per_connection) {
+            return Err(Saturated {
+                scope: Scope::Connection,
+                max: shares.per_connection as usize,
+            });
+        }
+        let conn = owner.connection.clone();
+        let (held, scope) = match owner.token {
+            Some(digest) => (
+                Held::Token(
+                    self.per_token.clone(),
+                    usize::from(u16::from_be_bytes([digest[0], digest[1]])),
+                ),
+                Scope::Token,
+            ),
+            None => (Held::Anonymous(self.anonymous.clone()), Scope::Anonymous),
+        };
+        if !claim(held.counter(), shares.per_token) {
+            conn.0.fetch_sub(1, SeqCst);
+            return Err(Saturated {
+                scope,
+                max: shares.per_token as usize,
+            });
+        }
+        // From here the owner's counts are given back by the slot, or by this guard if none comes.
+        let owned = OwnedClaim(Some((conn, held)));
+        let mut slot = self.take().await?;
+        slot.owned = owned.into_inner();
+        Ok(slot)
+    }
+
+    /// A place in the pool, queued for the wait when every slot is taken.
+    pub async fn take(self: &Arc<Self>) -> Result<Slot, Saturated> {
         if let Some(slot) = self.try_take() {
             return Ok(slot);
         }
@@ -88,7 +234,10 @@ impl Slots {
                 return Ok(slot);
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                return Err(Rejection::UpstreamSaturated(self.max.load(SeqCst)));
+                return Err(Saturated {
+                    scope: Scope::Pool,
+                    max: self.max.load(SeqCst),
+                });
             }
         }
     }
@@ -110,6 +259,25 @@ impl Slots {
         let old = self.max.swap(max.max(1), SeqCst);
         if max > old && self.waiting.load(SeqCst) > 0 {
             self.freed.notify_waiters();
+        }
+    }
+}
+
+/// Owner counts claimed for a request that is still waiting for its pool slot: given back if the wait
+/// fails or the client leaves.
+struct OwnedClaim(Option<(ConnShare, Held)>);
+
+impl OwnedClaim {
+    fn into_inner(mut self) -> Option<(ConnShare, Held)> {
+        self.0.take()
+    }
+}
+
+impl Drop for OwnedClaim {
+    fn drop(&mut self) {
+        if let Some((conn, held)) = &self.0 {
+            conn.0.fetch_sub(1, SeqCst);
+            held.counter().fetch_sub(1, SeqCst);
         }
     }
 }
@@ -177,7 +345,13 @@ mod tests {
         let short = Slots::new(1, Duration::from_millis(100));
         let _held = short.take().await.unwrap();
         let started = Instant::now();
-        assert!(matches!(short.take().await, Err(Rejection::UpstreamSaturated(1))));
+        assert_eq!(
+            short.take().await.err(),
+            Some(Saturated {
+                scope: Scope::Pool,
+                max: 1
+            })
+        );
         assert!(started.elapsed() >= Duration::from_millis(100));
         let held_only = Usage {
             taken: 1,
@@ -203,5 +377,62 @@ mod tests {
         short.resize(1);
         assert!(short.take().await.is_err(), "the lowered cap applies to new requests");
         drop(held);
+    }
+
+    #[tokio::test]
+    async fn owner_shares_are_claimed_with_the_slot_and_given_back_however_it_ends() {
+        let slots = Slots::new(2, Duration::from_millis(50));
+        let shares = Shares {
+            per_connection: 2,
+            per_token: 1,
+        };
+        let conn = ConnShare::default();
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let owner = |t| Owner {
+            connection: &conn,
+            token: t,
+        };
+        let first = slots.take_for(owner(Some(&a)), shares).await.unwrap();
+        let refused = slots.take_for(owner(Some(&a)), shares).await.err();
+        assert_eq!(
+            refused,
+            Some(Saturated {
+                scope: Scope::Token,
+                max: 1
+            })
+        );
+        assert_eq!(conn.held(), 1, "a refusal gives its connection claim back");
+        let anon = slots.take_for(owner(None), shares).await.unwrap();
+        assert_eq!(
+            slots.take_for(owner(Some(&b)), shares).await.err(),
+            Some(Saturated {
+                scope: Scope::Connection,
+                max: 2
+            })
+        );
+        let other_conn = ConnShare::default();
+        let queued = slots
+            .take_for(
+                Owner {
+                    connection: &other_conn,
+                    token: Some(&b),
+                },
+                shares,
+            )
+            .await
+            .err();
+        assert_eq!(
+            queued,
+            Some(Saturated {
+                scope: Scope::Pool,
+                max: 2
+            }),
+            "the pool is full"
+        );
+        assert_eq!(other_conn.held(), 0, "a failed wait gives the owner's claims back");
+        drop((first, anon));
+        assert_eq!(conn.held(), 0);
+        let again = slots.take_for(owner(Some(&a)), shares).await;
+        assert!(again.is_ok(), "the token's share came back with its slot");
     }
 }

@@ -67,3 +67,36 @@ pub fn raw_status(reply: &str) -> u16 {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
 }
+
+/// An HTTP/2 (h2c, prior knowledge) connection to `addr`: many streams on one connection, as an
+/// ingress or a browser would open them. The connection task ends when the sender is dropped.
+pub async fn h2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send
+}
+
+/// Sends `req` on an HTTP/2 connection and reads the whole reply.
+pub async fn send_h2(
+    h2: &mut hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Reply {
+    h2.ready().await.expect("h2 connection ready");
+    let resp = tokio::time::timeout(Duration::from_secs(10), h2.send_request(req))
+        .await
+        .expect("h2 request timed out")
+        .expect("h2 request failed");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}

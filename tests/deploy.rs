@@ -4,8 +4,18 @@
 //! real admin endpoints, the health check and entrypoint use real subcommands, the configuration they ship
 //! passes `flaggate check-config`, the Kubernetes objects refer to each other correctly, and every stop
 //! timeout leaves room for the drain. Renaming a variable, a port, an endpoint or a subcommand on either
-//! side fails here. (deploy/lint.sh lints the same files with hadolint, yamllint, kubernetes-validate,
-//! compose, promtool and systemd-analyze.)
+//! side fails here.
+//!
+//! The files are also checked against each other and against what operators route and read: every alert
+//! has a `critical`/`warning` severity and a runbook_url whose anchor is a runbook section of
+//! docs/operations.md, no alert fires on the -1 sync-age sentinel alone, the PrometheusRule carries exactly
+//! alerts.yml's groups, every dashboard query uses `$__rate_interval` and the `$job`/`$namespace`/`$instance`
+//! variables (and never plots the sentinel), every Kubernetes object has the five `app.kubernetes.io/*`
+//! labels while selectors use only name and instance, the namespace enforces Pod Security `restricted` and
+//! the pod meets it, the Ingress examples publish only the browser SDK paths, the sizing arithmetic in the
+//! docs is the manifests', and the Dockerfile pins its base images by digest and sets the OCI labels.
+//! (deploy/lint.sh lints the same files with hadolint, yamllint, kubernetes-validate, compose, promtool —
+//! check and test — and systemd-analyze.)
 
 mod support;
 
@@ -1211,4 +1221,865 @@ fn every_stop_timeout_leaves_room_for_the_drain() {
         unit_values("ExecReload").last().map(String::as_str),
         Some("/bin/kill -HUP $MAINPID")
     );
+}
+
+// ---------------------------------------------------------------- alert rules, runbooks, PrometheusRule
+
+/// The alert rules of deploy/prometheus/alerts.yml: (group, rule) for every rule with an `alert`.
+fn alert_rules() -> Vec<Value> {
+    let doc = yaml_docs("deploy/prometheus/alerts.yml").remove(0);
+    let mut out = vec![];
+    for g in doc["groups"].as_sequence().expect("alerts.yml: groups") {
+        for r in g["rules"].as_sequence().expect("alerts.yml: rules") {
+            if !r["alert"].is_null() {
+                out.push(r.clone());
+            }
+        }
+    }
+    assert!(out.len() >= 10, "read too few alert rules: {}", out.len());
+    out
+}
+
+/// GitHub's anchor for a Markdown heading: lower case, punctuation other than `-` and `_` dropped, spaces as `-`.
+fn slug(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// docs/operations.md's headings: anchor → (heading text, the section's text up to the next heading).
+fn doc_sections() -> BTreeMap<String, (String, String)> {
+    let text = read("docs/operations.md");
+    let mut out = BTreeMap::new();
+    let mut current: Option<(String, String)> = None;
+    let mut in_code = false;
+    for line in text.lines() {
+        if line.starts_with("```") {
+            in_code = !in_code;
+        }
+        let heading = (!in_code && line.starts_with('#'))
+            .then(|| line.trim_start_matches('#'))
+            .filter(|h| h.starts_with(' '));
+        if let Some(h) = heading {
+            if let Some((title, body)) = current.take() {
+                out.insert(slug(&title), (title, body));
+            }
+            current = Some((h.trim().to_string(), String::new()));
+        } else if let Some((_, body)) = current.as_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    if let Some((title, body)) = current {
+        out.insert(slug(&title), (title, body));
+    }
+    out
+}
+
+#[test]
+fn every_alert_has_a_routable_severity_and_a_runbook_that_exists() {
+    let sections = doc_sections();
+    let severities = BTreeSet::from(["critical", "warning"]);
+    let mut names = BTreeSet::new();
+    for r in alert_rules() {
+        let name = s(&r["alert"]);
+        assert!(names.insert(name.clone()), "alert {name} defined twice");
+        let sev = r["labels"]["severity"].as_str().unwrap_or("");
+        assert!(
+            severities.contains(sev),
+            "{name}: severity `{sev}`; Alertmanager routes expect one of {severities:?}"
+        );
+        for a in ["summary", "description"] {
+            assert!(
+                r["annotations"][a].as_str().is_some_and(|t| !t.trim().is_empty()),
+                "{name}: no {a} annotation"
+            );
+        }
+        let url = r["annotations"]["runbook_url"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name}: no runbook_url annotation"));
+        let (page, anchor) = url
+            .split_once('#')
+            .unwrap_or_else(|| panic!("{name}: runbook_url {url} has no #anchor"));
+        assert!(
+            page == "docs/operations.md" || (page.starts_with("https://") && page.ends_with("/docs/operations.md")),
+            "{name}: runbook_url {url} must point into docs/operations.md"
+        );
+        assert_eq!(
+            anchor,
+            name.to_lowercase(),
+            "{name}: the anchor is the alert's name, so it stays stable"
+        );
+        let (title, body) = sections
+            .get(anchor)
+            .unwrap_or_else(|| panic!("{name}: docs/operations.md has no heading for #{anchor}"));
+        assert_eq!(title, &name, "{name}: the runbook heading is the alert's name");
+        for part in ["**Means:**", "**Check:**", "**Do:**"] {
+            assert!(
+                body.contains(part),
+                "{name}: its runbook section in docs/operations.md has no {part} paragraph"
+            );
+        }
+        assert!(
+            sections["alerts"].1.contains(&format!("[`{name}`](#{anchor})")),
+            "{name}: missing from the table at the top of docs/operations.md's Alerts section"
+        );
+    }
+    // Every runbook section under "Alerts" belongs to a rule that exists.
+    let text = read("docs/operations.md");
+    let alerts_part = &text[text.find("\n## Alerts").expect("an Alerts section")..];
+    let alerts_part = &alerts_part[..alerts_part[1..].find("\n## ").map_or(alerts_part.len(), |i| i + 1)];
+    for line in alerts_part.lines().filter(|l| l.starts_with("### ")) {
+        let h = line.trim_start_matches("### ").trim();
+        assert!(
+            names.contains(h),
+            "docs/operations.md has a runbook for `{h}`, which no rule defines"
+        );
+    }
+
+    // The alerts the operators asked for are there and mean what they say.
+    let by_name: BTreeMap<String, Value> = alert_rules().into_iter().map(|r| (s(&r["alert"]), r)).collect();
+    let expr = |n: &str| s(&by_name.get(n).unwrap_or_else(|| panic!("no alert {n}"))["expr"]);
+    let prom = yaml_docs("deploy/prometheus/prometheus.yml").remove(0);
+    let job = prom["scrape_configs"][0]["job_name"].as_str().unwrap().to_string();
+    let kube = Kube::load();
+    let sm = kube.one("ServiceMonitor");
+    let sm_job = sm["spec"]["jobLabel"]
+        .as_str()
+        .map(|l| s(&kube.one("Service")["metadata"]["labels"][l]))
+        .unwrap_or_else(|| s(&kube.one("Service")["metadata"]["name"]));
+    assert_eq!(
+        sm_job, job,
+        "the ServiceMonitor's job label (the Service's name) = the compose job"
+    );
+    let up = format!("up{{job=\"{job}\"}}");
+    assert!(
+        expr("FlaggateTargetDown").contains(&format!("{up} == 0")),
+        "FlaggateTargetDown: {up} == 0"
+    );
+    assert!(
+        expr("FlaggateTargetMissing").contains(&format!("absent({up})")),
+        "FlaggateTargetMissing: absent({up})"
+    );
+    assert!(expr("FlaggateConfigReloadFailed").contains("flaggate_config_last_reload_success == 0"));
+}
+
+#[test]
+fn no_alert_fires_on_the_sync_age_sentinel_alone() {
+    // flaggate_token_sync_age_seconds is -1 while no sync has succeeded since start, and always without
+    // Unleash-sync mode. Every comparison on it must be false for -1, or handle -1 explicitly together with
+    // evidence of failing syncs. (alerts.test.yml checks the behaviour with promtool.)
+    let metric = "flaggate_token_sync_age_seconds";
+    let mut seen = 0;
+    for r in alert_rules() {
+        let name = s(&r["alert"]);
+        let e = s(&r["expr"]);
+        let mut rest = e.as_str();
+        while let Some(i) = rest.find(metric) {
+            seen += 1;
+            let mut after = &rest[i + metric.len()..];
+            if after.starts_with('{') {
+                after = &after[after.find('}').unwrap() + 1..];
+            }
+            let after = after.trim_start();
+            let (op, num) = [">=", ">", "=="]
+                .iter()
+                .find_map(|op| after.strip_prefix(op).map(|n| (*op, n.trim_start())))
+                .unwrap_or_else(|| panic!("{name}: {metric} must be compared right away (>, >= or == -1): {e}"));
+            let n: f64 = num
+                .split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-'))
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap_or_else(|_| panic!("{name}: {metric} {op} <number>: {e}"));
+            match op {
+                ">" => assert!(n >= -1.0, "{name}: `{metric} > {n}` is true for the -1 sentinel"),
+                ">=" => assert!(n > -1.0, "{name}: `{metric} >= {n}` is true for the -1 sentinel"),
+                _ => {
+                    assert_eq!(
+                        n, -1.0,
+                        "{name}: only `== -1` (the sentinel, handled on purpose) is allowed"
+                    );
+                    assert!(
+                        e.contains("flaggate_token_sync_total") && e.contains(" and "),
+                        "{name}: `{metric} == -1` must be joined (`and`) with failing syncs, or every \
+                         token-file-only gateway fires it"
+                    );
+                }
+            }
+            rest = &rest[i + metric.len()..];
+        }
+    }
+    assert!(
+        seen > 0,
+        "no alert reads {metric}: the token sync age is not alerted on"
+    );
+    let t = yaml_docs("deploy/prometheus/alerts.test.yml").remove(0);
+    assert_eq!(
+        t["rule_files"][0].as_str(),
+        Some("alerts.yml"),
+        "alerts.test.yml tests alerts.yml"
+    );
+    assert!(
+        read("deploy/lint.sh").contains("promtool test rules deploy/prometheus/alerts.test.yml"),
+        "deploy/lint.sh runs the rules' unit tests"
+    );
+}
+
+#[test]
+fn the_prometheus_rule_carries_exactly_the_alert_rules() {
+    let kube = Kube::load();
+    let pr = kube.one("PrometheusRule");
+    assert_eq!(pr["apiVersion"].as_str(), Some("monitoring.coreos.com/v1"));
+    let rules = yaml_docs("deploy/prometheus/alerts.yml").remove(0);
+    assert!(
+        pr["spec"]["groups"] == rules["groups"],
+        "deploy/kubernetes/prometheusrule.yaml spec.groups differs from deploy/prometheus/alerts.yml groups: \
+         regenerate it with the command in its header comment"
+    );
+    let sm = kube.one("ServiceMonitor");
+    assert_eq!(
+        labels(&pr["metadata"]["labels"]),
+        labels(&sm["metadata"]["labels"]),
+        "PrometheusRule and ServiceMonitor carry the same labels (a Prometheus selecting one finds the other)"
+    );
+}
+
+// ---------------------------------------------------------------- the dashboard
+
+fn dashboard() -> serde_json::Value {
+    serde_json::from_str(&read("deploy/grafana/flaggate.json")).expect("the dashboard is JSON")
+}
+
+/// Every label-matcher block `{…}` of a PromQL expression, with the identifier in front of it.
+fn selectors(expr: &str) -> Vec<(String, String)> {
+    let b = expr.as_bytes();
+    let mut out = vec![];
+    let mut i = 0;
+    while let Some(off) = expr[i..].find('{') {
+        let open = i + off;
+        let close = open + expr[open..].find('}').expect("unclosed {");
+        let mut start = open;
+        while start > 0 && (b[start - 1].is_ascii_alphanumeric() || b[start - 1] == b'_' || b[start - 1] == b':') {
+            start -= 1;
+        }
+        out.push((expr[start..open].to_string(), expr[open + 1..close].to_string()));
+        i = close + 1;
+    }
+    out
+}
+
+#[test]
+fn every_dashboard_query_uses_rate_interval_and_the_job_and_namespace_variables() {
+    let d = dashboard();
+    let vars: BTreeMap<String, &serde_json::Value> = d["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["name"].as_str().unwrap().to_string(), v))
+        .collect();
+    for (name, filtered_by) in [
+        ("job", vec![]),
+        ("namespace", vec!["job"]),
+        ("instance", vec!["job", "namespace"]),
+    ] {
+        let v = vars
+            .get(name)
+            .unwrap_or_else(|| panic!("no `{name}` template variable"));
+        assert_eq!(v["type"], "query", "${name} is a query variable");
+        let q = v["query"].as_str().unwrap();
+        assert!(
+            q.starts_with("label_values(flaggate_build_info") && q.ends_with(&format!(", {name})")),
+            "${name} lists the {name} label of flaggate targets: {q}"
+        );
+        for f in filtered_by {
+            assert!(
+                q.contains(&format!("{f}=~\"${f}\"")),
+                "${name}'s values follow ${f}: {q}"
+            );
+        }
+        assert_eq!(v["includeAll"], true, "${name} offers All");
+        // A missing label (no namespace outside Kubernetes) matches `.*`, so All works there too.
+        assert_eq!(v["allValue"], ".*", "${name}: All is .*");
+    }
+
+    let mut ids = BTreeSet::new();
+    let mut rects: Vec<(String, [i64; 4])> = vec![];
+    let mut all = String::new();
+    for p in d["panels"].as_array().unwrap() {
+        let title = p["title"].as_str().unwrap().to_string();
+        assert!(ids.insert(p["id"].as_i64().unwrap()), "panel id of `{title}` reused");
+        let g = &p["gridPos"];
+        let r = ["x", "y", "w", "h"].map(|k| g[k].as_i64().unwrap());
+        assert!(r[0] + r[2] <= 24, "`{title}` is wider than the dashboard");
+        for (other, o) in &rects {
+            let overlap = r[0] < o[0] + o[2] && o[0] < r[0] + r[2] && r[1] < o[1] + o[3] && o[1] < r[1] + r[3];
+            assert!(!overlap, "panels `{title}` and `{other}` overlap");
+        }
+        rects.push((title.clone(), r));
+        for t in p["targets"].as_array().unwrap() {
+            let e = t["expr"].as_str().unwrap();
+            all.push_str(e);
+            all.push('\n');
+            // Ranges: only $__rate_interval (follows the scrape interval; a fixed [5m] hides spikes when
+            // zoomed in and breaks with a scrape interval above 75 s).
+            let mut rest = e;
+            while let Some(i) = rest.find('[') {
+                let close = rest[i..].find(']').unwrap() + i;
+                assert_eq!(&rest[i..=close], "[$__rate_interval]", "`{title}`: range in {e}");
+                rest = &rest[close + 1..];
+            }
+            for f in ["rate(", "increase("] {
+                if e.contains(f) {
+                    assert!(
+                        e.contains("[$__rate_interval]"),
+                        "`{title}`: {f} without $__rate_interval: {e}"
+                    );
+                }
+            }
+            // Every series selector is scoped by the variables.
+            let sels = selectors(e);
+            assert!(!sels.is_empty(), "`{title}`: a query without a selector: {e}");
+            for (metric, matchers) in &sels {
+                assert!(!metric.is_empty(), "`{title}`: a selector without a metric name: {e}");
+                for v in ["job", "namespace", "instance"] {
+                    assert!(
+                        matchers.contains(&format!("{v}=~\"${v}\"")),
+                        "`{title}`: {metric}{{{matchers}}} is not scoped by ${v}"
+                    );
+                }
+            }
+            // Every metric name has a selector (no bare `flaggate_x` or `process_x` that ignores the variables).
+            for prefix in ["flaggate_", "process_"] {
+                let mut rest = e;
+                while let Some(i) = rest.find(prefix) {
+                    let tail = &rest[i..];
+                    let end = tail
+                        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                        .unwrap_or(tail.len());
+                    let boundary =
+                        i == 0 || !rest.as_bytes()[i - 1].is_ascii_alphanumeric() && rest.as_bytes()[i - 1] != b'_';
+                    if boundary {
+                        assert!(
+                            tail[end..].starts_with('{'),
+                            "`{title}`: {} without a selector: {e}",
+                            &tail[..end]
+                        );
+                    }
+                    rest = &tail[end..];
+                }
+            }
+            // The sync age's -1 sentinel (no successful sync since start) is never plotted.
+            let age = "flaggate_token_sync_age_seconds{";
+            let mut rest = e;
+            while let Some(i) = rest.find(age) {
+                let after = &rest[i..];
+                let after = after[after.find('}').unwrap() + 1..].trim_start();
+                assert!(
+                    after.starts_with(">= 0"),
+                    "`{title}`: plots the -1 sentinel of the sync age: {e}"
+                );
+                rest = after;
+            }
+        }
+    }
+    for (what, needle) in [
+        ("memory", "process_resident_memory_bytes{"),
+        ("CPU", "process_cpu_seconds_total{"),
+        ("config reload status", "flaggate_config_last_reload_success{"),
+        ("config reloads", "flaggate_config_reloads_total{"),
+        ("rate-limited requests", "decision=\"rate_limited\""),
+        ("dropped log lines", "flaggate_log_lines_dropped_total{"),
+        ("token set age", "flaggate_token_sync_age_seconds{"),
+    ] {
+        assert!(all.contains(needle), "the dashboard has no {what} panel ({needle})");
+    }
+}
+
+#[test]
+fn process_metrics_go_by_their_standard_names() {
+    // The standard process_* names (process_resident_memory_bytes, process_cpu_seconds_total), as every
+    // other exporter has them, never a flaggate_process_ prefix.
+    for f in [
+        "deploy/grafana/flaggate.json",
+        "deploy/prometheus/alerts.yml",
+        "deploy/kubernetes/prometheusrule.yaml",
+        "docs/operations.md",
+        "deploy/README.md",
+    ] {
+        assert!(
+            !read(f).contains("flaggate_process_"),
+            "{f} names a flaggate_process_* metric"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- Kubernetes labels and Pod Security
+
+const LABELS: [&str; 5] = [
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/component",
+    "app.kubernetes.io/part-of",
+];
+/// The labels a selector may use: stable for the life of an installation.
+const SELECTOR_LABELS: [&str; 2] = ["app.kubernetes.io/name", "app.kubernetes.io/instance"];
+
+#[test]
+fn every_kubernetes_object_has_the_recommended_labels_and_selectors_use_only_stable_ones() {
+    let kube = Kube::load();
+    let version = env!("CARGO_PKG_VERSION");
+    let mut common: Option<BTreeMap<String, String>> = None;
+    let mut check = |what: String, l: BTreeMap<String, String>| {
+        let mine: BTreeMap<String, String> = LABELS
+            .iter()
+            .filter_map(|k| l.get(*k).map(|v| (k.to_string(), v.clone())))
+            .collect();
+        assert_eq!(mine.len(), LABELS.len(), "{what}: needs all of {LABELS:?}, has {l:?}");
+        assert_eq!(
+            mine["app.kubernetes.io/version"], version,
+            "{what}: version label = Cargo.toml's version"
+        );
+        match &common {
+            None => common = Some(mine),
+            Some(c) => assert_eq!(
+                &mine, c,
+                "{what}: the recommended labels differ from the other objects'"
+            ),
+        }
+    };
+    let api_objects = kube.objects.iter().filter(|(_, o)| {
+        !o["apiVersion"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("kustomize.config.k8s.io/")
+    });
+    let mut n = 0;
+    for (file, o) in api_objects {
+        n += 1;
+        let what = format!("{file}: {} {}", s(&o["kind"]), s(&o["metadata"]["name"]));
+        check(what.clone(), labels(&o["metadata"]["labels"]));
+        if !o["spec"]["template"]["metadata"].is_null() {
+            check(
+                format!("{what} pod template"),
+                labels(&o["spec"]["template"]["metadata"]["labels"]),
+            );
+        }
+    }
+    assert!(n >= 14, "read too few Kubernetes objects: {n}");
+    let k = yaml_docs("deploy/kubernetes/kustomization.yaml").remove(0);
+    let tags: Vec<String> = k["images"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|i| s(&i["newTag"]))
+        .collect();
+    assert_eq!(tags, [version], "kustomization.yaml images: newTag = the version label");
+
+    // Selectors: only name and instance, and both (two installations must not select each other's pods).
+    let d = kube.one("Deployment");
+    let spec = &d["spec"]["template"]["spec"];
+    let mut sels: Vec<(String, &Value)> = vec![
+        ("Deployment selector".into(), &d["spec"]["selector"]["matchLabels"]),
+        ("Service selector".into(), &kube.one("Service")["spec"]["selector"]),
+        (
+            "PodDisruptionBudget selector".into(),
+            &kube.one("PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+        ),
+        (
+            "NetworkPolicy podSelector".into(),
+            &kube.one("NetworkPolicy")["spec"]["podSelector"]["matchLabels"],
+        ),
+        (
+            "ServiceMonitor selector".into(),
+            &kube.one("ServiceMonitor")["spec"]["selector"]["matchLabels"],
+        ),
+    ];
+    for (i, t) in spec["topologySpreadConstraints"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        sels.push((
+            format!("topologySpreadConstraints[{i}]"),
+            &t["labelSelector"]["matchLabels"],
+        ));
+    }
+    for (what, sel) in sels {
+        let keys: BTreeSet<String> = labels(sel).into_keys().collect();
+        let want: BTreeSet<String> = SELECTOR_LABELS.iter().map(|k| k.to_string()).collect();
+        assert_eq!(
+            keys, want,
+            "{what} selects on {keys:?}: use exactly name and instance, never version"
+        );
+    }
+    assert!(
+        d["spec"]["selector"]["matchExpressions"].is_null(),
+        "the Deployment selects by matchLabels only"
+    );
+}
+
+#[test]
+fn the_namespace_enforces_pod_security_restricted_and_the_pod_meets_it() {
+    let kube = Kube::load();
+    let ns = labels(&kube.one("Namespace")["metadata"]["labels"]);
+    assert_eq!(
+        ns.get("pod-security.kubernetes.io/enforce").map(String::as_str),
+        Some("restricted"),
+        "namespace.yaml: pod-security.kubernetes.io/enforce: restricted"
+    );
+    let k = yaml_docs("deploy/kubernetes/kustomization.yaml").remove(0);
+    assert_eq!(
+        s(&k["namespace"]),
+        s(&kube.one("Namespace")["metadata"]["name"]),
+        "everything lands in it"
+    );
+
+    // The `restricted` profile (https://kubernetes.io/docs/concepts/security/pod-security-standards/),
+    // rule by rule, for every pod template.
+    for (file, o) in &kube.objects {
+        let pod = &o["spec"]["template"]["spec"];
+        if pod.is_null() {
+            continue;
+        }
+        let what = format!("{file}: {}", s(&o["metadata"]["name"]));
+        for host in ["hostNetwork", "hostPID", "hostIPC"] {
+            assert_ne!(pod[host].as_bool(), Some(true), "{what}: {host}");
+        }
+        let allowed_volumes = [
+            "configMap",
+            "csi",
+            "downwardAPI",
+            "emptyDir",
+            "ephemeral",
+            "persistentVolumeClaim",
+            "projected",
+            "secret",
+        ];
+        for v in pod["volumes"].as_sequence().into_iter().flatten() {
+            for key in v.as_mapping().unwrap().keys().map(s).filter(|k| k != "name") {
+                assert!(
+                    allowed_volumes.contains(&key.as_str()),
+                    "{what}: volume type {key} is not allowed"
+                );
+            }
+        }
+        let psc = &pod["securityContext"];
+        assert!(psc["sysctls"].is_null(), "{what}: sysctls");
+        assert_ne!(psc["runAsUser"].as_u64(), Some(0), "{what}: runAsUser 0");
+        let containers = ["containers", "initContainers", "ephemeralContainers"]
+            .iter()
+            .flat_map(|k| pod[*k].as_sequence().into_iter().flatten());
+        for c in containers {
+            let cw = format!("{what} container {}", s(&c["name"]));
+            let sc = &c["securityContext"];
+            assert_ne!(sc["privileged"].as_bool(), Some(true), "{cw}: privileged");
+            assert_eq!(
+                sc["allowPrivilegeEscalation"].as_bool(),
+                Some(false),
+                "{cw}: allowPrivilegeEscalation"
+            );
+            let drop: Vec<String> = sc["capabilities"]["drop"]
+                .as_sequence()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect();
+            assert!(
+                drop.iter().any(|d| d == "ALL"),
+                "{cw}: capabilities.drop must contain ALL"
+            );
+            for add in sc["capabilities"]["add"].as_sequence().into_iter().flatten() {
+                assert_eq!(s(add), "NET_BIND_SERVICE", "{cw}: only NET_BIND_SERVICE may be added");
+            }
+            let non_root = sc["runAsNonRoot"].as_bool().or(psc["runAsNonRoot"].as_bool());
+            assert_eq!(non_root, Some(true), "{cw}: runAsNonRoot (container or pod)");
+            assert_ne!(sc["runAsUser"].as_u64(), Some(0), "{cw}: runAsUser 0");
+            let seccomp = sc["seccompProfile"]["type"]
+                .as_str()
+                .or(psc["seccompProfile"]["type"].as_str());
+            assert!(
+                matches!(seccomp, Some("RuntimeDefault" | "Localhost")),
+                "{cw}: seccompProfile RuntimeDefault or Localhost (container or pod), got {seccomp:?}"
+            );
+            assert!(
+                sc["procMount"].as_str().is_none_or(|p| p == "Default"),
+                "{cw}: procMount"
+            );
+            assert!(
+                sc["windowsOptions"]["hostProcess"].as_bool() != Some(true),
+                "{cw}: windowsOptions.hostProcess"
+            );
+            for p in c["ports"].as_sequence().into_iter().flatten() {
+                assert!(p["hostPort"].as_u64().unwrap_or(0) == 0, "{cw}: hostPort");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_ingress_examples_publish_only_the_browser_sdk_paths_to_the_proxy_port() {
+    let kube = Kube::load();
+    let svc = kube.one("Service");
+    let svc_name = s(&svc["metadata"]["name"]);
+    let proxy_port = svc["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str() == Some("proxy"))
+        .map(|p| p["port"].as_u64().unwrap())
+        .expect("a Service port named proxy");
+    let frontend_paths = BTreeSet::from(["/api/frontend".to_string(), "/api/proxy".to_string()]);
+
+    let ing = kube.one("Ingress");
+    assert_eq!(ing["apiVersion"].as_str(), Some("networking.k8s.io/v1"));
+    let mut paths = BTreeSet::new();
+    for rule in ing["spec"]["rules"].as_sequence().unwrap() {
+        for p in rule["http"]["paths"].as_sequence().unwrap() {
+            assert_eq!(p["pathType"].as_str(), Some("Prefix"), "Ingress path {:?}", p["path"]);
+            let b = &p["backend"]["service"];
+            assert_eq!(s(&b["name"]), svc_name, "Ingress backend Service");
+            let port_ok =
+                b["port"]["name"].as_str() == Some("proxy") || b["port"]["number"].as_u64() == Some(proxy_port);
+            assert!(
+                port_ok,
+                "Ingress backend port must be the Service's proxy port: {:?}",
+                b["port"]
+            );
+            paths.insert(s(&p["path"]));
+        }
+    }
+    assert_eq!(
+        paths, frontend_paths,
+        "the Ingress publishes the browser SDK paths and nothing else"
+    );
+
+    let route = kube.one("HTTPRoute");
+    assert_eq!(route["apiVersion"].as_str(), Some("gateway.networking.k8s.io/v1"));
+    let mut paths = BTreeSet::new();
+    for rule in route["spec"]["rules"].as_sequence().unwrap() {
+        for m in rule["matches"].as_sequence().unwrap() {
+            assert_eq!(m["path"]["type"].as_str(), Some("PathPrefix"));
+            paths.insert(s(&m["path"]["value"]));
+        }
+        for b in rule["backendRefs"].as_sequence().unwrap() {
+            assert_eq!(s(&b["name"]), svc_name, "HTTPRoute backendRef");
+            assert_eq!(
+                b["port"].as_u64(),
+                Some(proxy_port),
+                "HTTPRoute backendRef port = the proxy port"
+            );
+        }
+    }
+    assert_eq!(
+        paths, frontend_paths,
+        "the HTTPRoute publishes the browser SDK paths and nothing else"
+    );
+    for f in [
+        "deploy/kubernetes/ingress.example.yaml",
+        "deploy/kubernetes/httproute.example.yaml",
+    ] {
+        assert!(
+            kube_files().contains(&f.to_string()),
+            "{f} exists (and, as an .example., is not in the kustomization)"
+        );
+    }
+}
+
+// ---------------------------------------------------------------- sizing arithmetic
+
+/// Kubernetes CPU quantity in millicores: `250m`, `1`, `0.5`.
+fn millicores(q: &str) -> u64 {
+    match q.strip_suffix('m') {
+        Some(m) => m.parse().unwrap(),
+        None => (q.parse::<f64>().unwrap() * 1000.0).round() as u64,
+    }
+}
+
+#[test]
+fn the_hpa_arithmetic_in_the_docs_is_the_manifests() {
+    // The HPA's averageUtilization is a percentage of the CPU *request*: the docs and hpa.yaml must size
+    // with the request and the target the manifests really have.
+    let kube = Kube::load();
+    let res = &kube.container()["resources"];
+    let request = s(&res["requests"]["cpu"]);
+    let req_m = millicores(&request);
+    let hpa = kube.one("HorizontalPodAutoscaler");
+    let metric = hpa["spec"]["metrics"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["resource"]["name"].as_str() == Some("cpu"))
+        .expect("the HPA scales on CPU");
+    assert_eq!(metric["resource"]["target"]["type"].as_str(), Some("Utilization"));
+    let util = metric["resource"]["target"]["averageUtilization"].as_u64().unwrap();
+    let per_pod = req_m * util / 100;
+    let max = hpa["spec"]["maxReplicas"].as_u64().unwrap();
+    let u = format!("{}", util as f64 / 100.0);
+    let lines = [
+        format!("{request} × {u} = {per_pod}m"),
+        format!("{} × {per_pod}m", max - 1),
+    ];
+    let docs = read("docs/operations.md");
+    let hpa_text = read("deploy/kubernetes/hpa.yaml");
+    for l in &lines {
+        assert!(docs.contains(l.as_str()), "docs/operations.md (Sizing) must show `{l}`");
+        assert!(hpa_text.contains(l.as_str()), "the comment in hpa.yaml must show `{l}`");
+    }
+    let limit_m = millicores(&s(&res["limits"]["cpu"]));
+    assert!(
+        limit_m > per_pod,
+        "the CPU limit leaves burst headroom above the HPA's target"
+    );
+}
+
+// ---------------------------------------------------------------- the image: pins and labels
+
+/// `key=value` pairs of a LABEL instruction (values may be quoted and contain spaces).
+fn label_pairs(rest: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            break;
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            value = chars.by_ref().take_while(|c| *c != '"').collect();
+        } else {
+            while let Some(c) = chars.peek().copied().filter(|c| !c.is_whitespace()) {
+                value.push(c);
+                chars.next();
+            }
+        }
+        out.insert(key.trim().to_string(), value);
+    }
+    out
+}
+
+#[test]
+fn base_images_are_pinned_by_digest_and_the_image_carries_oci_labels() {
+    let text = read("deploy/Dockerfile");
+    let all = dockerfile();
+    let stages: BTreeSet<String> = all
+        .iter()
+        .filter(|(i, _)| i == "FROM")
+        .filter_map(|(_, r)| {
+            r.split_whitespace()
+                .skip_while(|w| !w.eq_ignore_ascii_case("AS"))
+                .nth(1)
+        })
+        .map(str::to_string)
+        .collect();
+    let mut runtime = String::new();
+    for (_, rest) in all.iter().filter(|(i, _)| i == "FROM") {
+        let image = rest
+            .split_whitespace()
+            .find(|w| !w.starts_with("--"))
+            .expect("FROM <image>")
+            .to_string();
+        runtime = image.clone();
+        if stages.contains(&image) {
+            continue; // a previous stage
+        }
+        match image.split_once("@sha256:") {
+            Some((name, digest)) => {
+                assert!(
+                    name.contains(':'),
+                    "FROM {image}: keep the tag in front of the digest, for readers"
+                );
+                assert!(
+                    digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+                    "FROM {image}: a sha256 digest is 64 lower-case hex digits"
+                );
+                // Where the digest came from is written down next to it (its first 8 digits name it).
+                let comments: String = text.lines().filter(|l| l.trim_start().starts_with('#')).collect();
+                assert!(
+                    comments.contains(&format!("sha256:{}", &digest[..8])),
+                    "FROM {image}: the comments must say where sha256:{}... came from",
+                    &digest[..8]
+                );
+            }
+            None => {
+                // Allowed only when the comment right above it explains how to pin it.
+                let line = text
+                    .lines()
+                    .position(|l| l.trim_start().starts_with("FROM") && l.contains(&image))
+                    .unwrap();
+                let above: Vec<&str> = text.lines().take(line).collect();
+                let doc: String = above
+                    .iter()
+                    .rev()
+                    .take_while(|l| l.trim_start().starts_with('#'))
+                    .copied()
+                    .collect();
+                assert!(
+                    doc.contains("imagetools inspect") && doc.contains("digest"),
+                    "FROM {image} is neither pinned by digest (image:tag@sha256:...) nor documented right above"
+                );
+            }
+        }
+    }
+    assert!(
+        text.contains("docker buildx imagetools inspect"),
+        "the Dockerfile says how to refresh the pins"
+    );
+
+    // OCI labels on the runtime image, from build arguments declared in its stage.
+    let labels: BTreeMap<String, String> = docker_runtime_instr("LABEL")
+        .iter()
+        .flat_map(|r| label_pairs(r))
+        .collect();
+    let args: BTreeMap<String, Option<String>> = docker_runtime_instr("ARG")
+        .iter()
+        .map(|a| match a.split_once('=') {
+            Some((k, v)) => (k.trim().to_string(), Some(v.trim().trim_matches('"').to_string())),
+            None => (a.trim().to_string(), None),
+        })
+        .collect();
+    for key in ["source", "version", "revision"] {
+        let full = format!("org.opencontainers.image.{key}");
+        let v = labels
+            .get(&full)
+            .unwrap_or_else(|| panic!("the runtime image has no {full} label"));
+        let arg = v
+            .strip_prefix("${")
+            .and_then(|a| a.strip_suffix('}'))
+            .unwrap_or_else(|| panic!("{full} comes from a build ARG (\"${{NAME}}\"), got {v}"));
+        assert!(
+            args.contains_key(arg),
+            "{full}: ARG {arg} is not declared in the runtime stage"
+        );
+    }
+    let version_arg = labels["org.opencontainers.image.version"]
+        .trim_start_matches("${")
+        .trim_end_matches('}');
+    assert_eq!(
+        args[version_arg].as_deref(),
+        Some(env!("CARGO_PKG_VERSION")),
+        "ARG {version_arg} defaults to Cargo.toml's version"
+    );
+    if let Some(base) = labels.get("org.opencontainers.image.base.name") {
+        assert!(
+            runtime.starts_with(&format!("{base}@")) || runtime == *base,
+            "base.name = the runtime FROM"
+        );
+    }
+    if let Some(digest) = labels.get("org.opencontainers.image.base.digest") {
+        assert!(
+            runtime.ends_with(&format!("@{digest}")),
+            "base.digest = the runtime FROM's digest"
+        );
+    }
 }

@@ -9,7 +9,7 @@ use flaggate::proxy::record::request_id;
 use flaggate::token::extract::extract;
 use flaggate::token::store::{TokenSet, TokenStore};
 use flaggate::token::{Digest, TokenInfo, TokenKind, TokenSource};
-use http::{HeaderMap, HeaderValue, Method};
+use http::{HeaderMap, HeaderValue};
 use std::sync::Arc;
 
 const TOKEN: &str = "*:development.66ef8778ad0df979785e382aca6edd2ca06181d44add8325306afe17";

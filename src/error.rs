@@ -27,6 +27,8 @@ pub enum Decision {
     BadRequest,
     RateLimited,
     UpstreamError,
+    /// The client left before its response began (status 499 in logs and metrics).
+    ClientGone,
 }
 
 impl Decision {
@@ -38,6 +40,7 @@ impl Decision {
             Decision::BadRequest => "bad_request",
             Decision::RateLimited => "rate_limited",
             Decision::UpstreamError => "upstream_error",
+            Decision::ClientGone => "client_gone",
         }
     }
 }
@@ -52,6 +55,10 @@ pub enum Rejection {
     BadAuthorization(ExtractError),
     #[error("more than one Host header")]
     DuplicateHost,
+    /// `Connection` names a field the gateway authorizes or frames by (it would be stripped after the
+    /// request was authorized).
+    #[error("Connection header names {0}, which cannot be hop-by-hop")]
+    ConnectionNamesProtected(&'static http::HeaderName),
     #[error("method not allowed through the gateway")]
     MethodNotAllowed,
     #[error("malformed request body")]
@@ -114,7 +121,8 @@ impl Rejection {
             Rejection::BadPath(_)
             | Rejection::NotOriginForm
             | Rejection::BadAuthorization(_)
-            | Rejection::DuplicateHost => StatusCode::BAD_REQUEST,
+            | Rejection::DuplicateHost
+            | Rejection::ConnectionNamesProtected(_) => StatusCode::BAD_REQUEST,
             Rejection::NoToken(_) | Rejection::UnknownToken(_) | Rejection::Expired(_) => StatusCode::UNAUTHORIZED,
             Rejection::WrongScope => StatusCode::FORBIDDEN,
             Rejection::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -147,6 +155,7 @@ impl Rejection {
             | Rejection::NotOriginForm
             | Rejection::BadAuthorization(_)
             | Rejection::DuplicateHost
+            | Rejection::ConnectionNamesProtected(_)
             | Rejection::BodyTooLarge(_)
             | Rejection::BodyTimeout
             | Rejection::MethodNotAllowed
@@ -176,6 +185,7 @@ impl Rejection {
             Rejection::BadAuthorization(ExtractError::Duplicate) => "duplicate_authorization",
             Rejection::BadAuthorization(ExtractError::NotText) => "malformed_authorization",
             Rejection::DuplicateHost => "duplicate_host",
+            Rejection::ConnectionNamesProtected(_) => "connection_names_protected",
             Rejection::BodyTooLarge(_) => "body_too_large",
             Rejection::BodyTimeout => "body_timeout",
             Rejection::MethodNotAllowed => "method_not_allowed",

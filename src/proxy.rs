@@ -185,14 +185,97 @@ struct Outcome {
 /// Bounded app-name label values: the first [`APP_LABEL_CAP`] names seen, then `other`.
 pub const APP_LABEL_CAP: usize = 100;
 
-/// Decrements the in-flight gauge however the request ends (including a client that hangs up).
-struct InFlight<'a>(&'a prometheus::IntGauge);
+/// A request between its head and its response: owns what the record phase needs, so that a request
+/// whose client leaves mid-way (hyper drops the service future) is still logged, counted and given back
+/// to its connection's watchdog — as status 499, decision `client_gone`.
+struct Pending<'a> {
+    gw: &'a Gateway,
+    ctx: &'a ConnCtx,
+    started: Instant,
+    method: http::Method,
+    request_id: http::HeaderValue,
+    app: Option<String>,
+    out: Outcome,
+    /// Cleared once the response head is handed to hyper (the body then owns the rest).
+    open: bool,
+}
 
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
+impl Pending<'_> {
+    /// Counts the request in the metrics and builds its log line.
+    fn close(&mut self, status: http::StatusCode, decision: Decision, rejection: Option<&Rejection>) -> record::Record {
+        self.open = false;
+        self.gw.metrics.inflight.dec();
+        let out = &mut self.out;
+        let gateway_time = self
+            .started
+            .elapsed()
+            .saturating_sub(out.upstream_time.unwrap_or_default());
+        let m = &self.gw.metrics;
+        m.requests
+            .with_label_values(&[
+                &out.route_class,
+                method_label(&self.method),
+                status.as_str(),
+                decision.as_str(),
+            ])
+            .inc();
+        m.request_duration
+            .with_label_values(&[&out.route_class])
+            .observe(gateway_time.as_secs_f64());
+        if let Some(t) = out.upstream_time {
+            m.upstream_duration
+                .with_label_values(&[&out.route_class])
+                .observe(t.as_secs_f64());
+        }
+        // Only a known token may name an app: the label set is bounded, and junk must not fill it.
+        let authenticated = out.token.is_some_and(|(_, kind)| kind.is_some());
+        if let (Some(a), true) = (&self.app, authenticated) {
+            m.sdk_requests.with_label_values(&[m.app_label(a)]).inc();
+        }
+        record::Record {
+            started: self.started,
+            method: self.method.clone(),
+            path: out.path.take(),
+            route_class: out.route_class.clone(),
+            status: status.as_u16(),
+            decision,
+            reason: rejection
+                .map(|r| r.code())
+                .or((decision == Decision::ClientGone).then_some("client_gone")),
+            token: out.token,
+            app: self.app.take(),
+            request_id: self.request_id.clone(),
+            gateway_time,
+            upstream_time: out.upstream_time,
+            error: rejection
+                .filter(|r| r.blame() != Blame::Downstream)
+                .map(|r| r.to_string()),
+        }
     }
 }
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.open {
+            return;
+        }
+        // The client left before its response head: hyper dropped the request mid-way.
+        let forwarded = self.out.upstream_time.is_some();
+        self.close(CLIENT_GONE, Decision::ClientGone, None).emit(0, false);
+        if let Some(a) = &self.ctx.activity {
+            a.end();
+            if forwarded {
+                a.cancelled();
+            }
+        }
+    }
+}
+
+/// nginx's "client closed request": no response was sent, the status exists only in logs and metrics.
+const CLIENT_GONE: http::StatusCode = match http::StatusCode::from_u16(499) {
+    Ok(s) => s,
+    Err(_) => http::StatusCode::BAD_REQUEST,
+};
 
 /// The service function: never fails, every error becomes a response in [`Rejection::into_response`].
 pub async fn handle(
@@ -204,91 +287,59 @@ pub async fn handle(
         a.begin();
     }
     let h2 = req.version() == Version::HTTP_2;
-    let started = Instant::now();
     gw.metrics.inflight.inc();
-    let _inflight = InFlight(&gw.metrics.inflight);
-    let method = req.method().clone();
     let request_id = record::request_id(req.headers().get(REQUEST_ID));
-    let app = req
-        .headers()
-        .get("unleash-appname")
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.chars().take(64).collect::<String>());
-    let mut out = Outcome {
-        browser_route: false,
-        route_class: gw.unrouted.clone(),
-        token: None,
-        upstream_time: None,
-        path: None,
-        slot: None,
+    let mut pending = Pending {
+        gw: &gw,
+        ctx: &ctx,
+        started: Instant::now(),
+        method: req.method().clone(),
+        request_id: request_id.clone(),
+        app: req
+            .headers()
+            .get("unleash-appname")
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(64).collect::<String>()),
+        out: Outcome {
+            browser_route: false,
+            route_class: gw.unrouted.clone(),
+            token: None,
+            upstream_time: None,
+            path: None,
+            slot: None,
+        },
+        open: true,
     };
-    let result = run_phases(&gw, req, &ctx, request_id.clone(), &mut out).await;
+    let result = run_phases(&gw, req, &ctx, request_id.clone(), &mut pending.out).await;
     let (mut resp, decision, rejection) = match result {
         Ok(resp) => (resp, Decision::Allowed, None),
         Err(rej) => {
             let mut r = rej.into_response();
-            if out.browser_route {
+            if pending.out.browser_route {
                 headers::allow_cross_origin_read(r.headers_mut());
             }
             (r.map(Either::Right), rej.decision(), Some(rej))
         }
     };
-    resp.headers_mut().insert(REQUEST_ID, request_id.clone());
+    resp.headers_mut().insert(REQUEST_ID, request_id);
 
     // 6. record: metrics now, the log line when the body is done.
-    let gateway_time = started.elapsed().saturating_sub(out.upstream_time.unwrap_or_default());
-    let status = resp.status();
-    let m = &gw.metrics;
-    m.requests
-        .with_label_values(&[
-            &out.route_class,
-            method_label(&method),
-            status.as_str(),
-            decision.as_str(),
-        ])
-        .inc();
-    m.request_duration
-        .with_label_values(&[&out.route_class])
-        .observe(gateway_time.as_secs_f64());
-    if let Some(t) = out.upstream_time {
-        m.upstream_duration
-            .with_label_values(&[&out.route_class])
-            .observe(t.as_secs_f64());
-    }
-    if let Some(a) = &app {
-        m.sdk_requests.with_label_values(&[m.app_label(a)]).inc();
-    }
-    let rec = record::Record {
-        started,
-        method,
-        path: out.path,
-        route_class: out.route_class,
-        status: status.as_u16(),
-        decision,
-        reason: rejection.as_ref().map(|r| r.code()),
-        token: out.token,
-        app,
-        request_id,
-        gateway_time,
-        upstream_time: out.upstream_time,
-        error: rejection
-            .as_ref()
-            .filter(|r| r.blame() != Blame::Downstream)
-            .map(|r| r.to_string()),
-    };
+    let rec = pending.close(resp.status(), decision, rejection.as_ref());
+    let slot = pending.out.slot.take();
+    drop(pending);
     let streaming = resp
         .headers()
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    let guards = match (streaming, ctx.stop) {
+    let guards = match (streaming, &ctx.stop) {
         (true, Some(stop)) => Some(record::StreamGuards {
-            stop,
+            stop: stop.clone(),
             idle: gw.live.load().conn.idle_timeout,
         }),
         _ => None,
     };
     let clock = ctx.activity.as_ref().filter(|_| h2).map(|a| a.stream_clock());
-    Ok(resp.map(|b| LoggedBody::new(b, rec, ctx.activity, clock, out.slot, guards)))
+    Ok(resp.map(|b| LoggedBody::new(b, rec, ctx.activity.clone(), clock, slot, guards)))
 }
 
 async fn run_phases(
@@ -303,6 +354,11 @@ async fn run_phases(
     let live = gw.live.load();
 
     // 1. validate: everything that can be refused from the request head alone, before any token work.
+    // A raw `#` in an HTTP/1 target: the URI parser dropped it with the rest of the target, only the
+    // connection's reader saw it.
+    if ctx.activity.as_ref().is_some_and(|a| a.take_fragment()) && parts.version < Version::HTTP_2 {
+        return Err(Rejection::BadPath(crate::path::PathError::Fragment));
+    }
     // HTTP/2 always carries scheme and authority; HTTP/1 only in absolute-form, which names a host the
     // client wants and is refused rather than silently re-targeted.
     if parts.version < Version::HTTP_2 && (uri.scheme().is_some() || uri.authority().is_some()) {
@@ -327,6 +383,9 @@ async fn run_phases(
     });
     if hosts.next().is_some() {
         return Err(Rejection::DuplicateHost);
+    }
+    if let Some(name) = headers::connection_names_protected(&parts.headers) {
+        return Err(Rejection::ConnectionNamesProtected(name));
     }
     // A declared length over the limit is refused before anything is read or sent; an undeclared one
     // is cut when it crosses the limit.
@@ -372,6 +431,7 @@ async fn run_phases(
     // 4. prepare
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::strip_gateway_set(&mut parts.headers);
+    headers::strip_consumed(&mut parts.headers);
     if anonymous {
         headers::strip_for_preflight(&mut parts.headers);
     }
@@ -402,18 +462,22 @@ async fn run_phases(
     };
     let slot = gw.slots.take_for(owner, shares).await;
     out.upstream_time = Some(sent.elapsed());
-    out.slot = Some(slot.map_err(|s| {
+    let slot = slot.map_err(|s| {
         gw.metrics
             .upstream_slot_refusals
             .with_label_values(&[s.scope.as_str()])
             .inc();
         Rejection::UpstreamSaturated(s)
-    })?);
-    let result = tokio::time::timeout(upstream_timeout, gw.client.request(Request::from_parts(parts, body))).await;
+    })?;
+    let detachable = !matches!(body, body::UpstreamBody::Streaming { .. });
+    let req = Request::from_parts(parts, body);
+    let (result, slot) = forward::exchange(&gw.client, req, slot, upstream_timeout, detachable).await;
     out.upstream_time = Some(sent.elapsed());
-    let resp = result
-        .map_err(|_| Rejection::UpstreamTimeout(upstream_timeout))?
-        .map_err(|e| forward::classify(e, limits.max, fault.get()))?;
+    out.slot = slot;
+    let resp = result.map_err(|e| match e {
+        forward::Failed::Timeout => Rejection::UpstreamTimeout(upstream_timeout),
+        forward::Failed::Client(e) => forward::classify(e, limits.max, fault.get()),
+    })?;
     let (mut rparts, rbody) = resp.into_parts();
     headers::strip_hop_by_hop(&mut rparts.headers);
     Ok(Response::from_parts(rparts, Either::Left(rbody)))

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub pat_validations: IntCounterVec,
     pub sdk_requests: IntCounterVec,
     pub connections: IntGaugeVec,
+    pub connections_closed: IntCounterVec,
     pub upstream_connections: IntGauge,
     upstream_inflight: IntGauge,
     upstream_queued: IntGauge,
@@ -144,6 +145,13 @@ impl Metrics {
             Opts::new("flaggate_connections", "Open client connections, by listener"),
             &["listener"],
         ));
+        let connections_closed = must(IntCounterVec::new(
+            Opts::new(
+                "flaggate_connections_closed_total",
+                "Client connections the gateway closed, by reason (header_timeout, idle_timeout, write_timeout, cancel_budget)",
+            ),
+            &["reason"],
+        ));
         let upstream_connections = must(IntGauge::new(
             "flaggate_upstream_connections",
             "Open connections to Unleash (pooled keep-alive connections included)",
@@ -214,6 +222,7 @@ impl Metrics {
             Box::new(pat_validations.clone()),
             Box::new(sdk_requests.clone()),
             Box::new(connections.clone()),
+            Box::new(connections_closed.clone()),
             Box::new(upstream_connections.clone()),
             Box::new(upstream_inflight.clone()),
             Box::new(upstream_queued.clone()),
@@ -248,6 +257,7 @@ impl Metrics {
             pat_validations,
             sdk_requests,
             connections,
+            connections_closed,
             upstream_connections,
             upstream_inflight,
             upstream_queued,
@@ -277,6 +287,9 @@ impl Metrics {
             m.token_source_updates.with_label_values(&["file", r]);
         }
         m.connections.with_label_values(&["proxy"]);
+        for r in ["header_timeout", "idle_timeout", "write_timeout", "cancel_budget"] {
+            m.connections_closed.with_label_values(&[r]);
+        }
         for l in crate::proxy::slots::Scope::ALL {
             m.upstream_slot_refusals.with_label_values(&[l.as_str()]);
         }

@@ -238,3 +238,22 @@ async fn ready_while_serving_then_draining_at_shutdown() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_cannot_starve_the_probes() {
+    let gw = gateway().token(CLIENT, "client").start().await;
+    // More idle connections than the admin listener serves at once (256), opened before any probe.
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(tokio::net::TcpStream::connect(gw.admin).await.unwrap());
+    }
+    for path in ["/health", "/ready"] {
+        let started = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(1), get(gw.admin, path, None))
+            .await
+            .unwrap_or_else(|_| panic!("{path} did not answer within 1 s behind 300 idle connections"));
+        assert_eq!(r.status, 200, "{path}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    drop(idle);
+}

@@ -61,16 +61,29 @@ async fn every_non_canonical_form_is_a_400_with_json_and_never_forwarded() {
     assert_eq!(up.count(), 0, "upstream saw {:?}", up.seen());
 }
 
-/// A raw `#` never leaves the HTTP parser: the fragment is cut before routing, so the decision and the
-/// forwarded path are both on the part before it (and `%23` is refused above).
+/// A raw `#` is refused (`path_fragment`), not cut off: the URI parser would drop it with everything
+/// after it (query included), so the connection's reader looks for it in the request line itself.
 #[tokio::test]
-async fn a_raw_fragment_is_dropped_before_the_decision_and_never_forwarded() {
+async fn a_raw_fragment_in_the_request_target_is_refused_not_cut_off() {
     let up = upstream().route("*", |_| ok_json("{}")).run().await;
     let gw = gateway().upstream(up.url()).token(CLIENT, "client").start().await;
-    let req = format!("GET /api/client/features#/../../admin/projects HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nConnection: close\r\n\r\n");
-    assert_eq!(raw_status(&raw(gw.addr, req.as_bytes()).await), 200);
-    let req = format!("GET /api/admin/projects#/api/client HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nConnection: close\r\n\r\n");
-    assert_eq!(raw_status(&raw(gw.addr, req.as_bytes()).await), 403);
+    for target in [
+        "/api/client/features#x",
+        "/api/client/features#/../../admin/projects",
+        "/api/admin/projects#/api/client",
+        "/api/client/features?namePrefix=a#/../../api/admin",
+    ] {
+        let req = format!("GET {target} HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nConnection: close\r\n\r\n");
+        let reply = raw(gw.addr, req.as_bytes()).await;
+        assert_eq!(raw_status(&reply), 400, "{target}: {reply}");
+        assert!(reply.contains(r#""code":"path_fragment""#), "{target}: {reply}");
+    }
+    assert_eq!(up.count(), 0, "upstream saw {:?}", up.seen());
+    // On a keep-alive connection the next request, without one, is served as usual.
+    let req = format!("GET /api/client/features#x HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\n\r\nGET /api/client/features HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nConnection: close\r\n\r\n");
+    let reply = raw(gw.addr, req.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+    assert!(reply.contains("HTTP/1.1 200"), "{reply}");
     let targets: Vec<String> = up.seen().into_iter().map(|r| r.target).collect();
     assert_eq!(targets, vec!["/api/client/features".to_string()]);
 }

@@ -140,10 +140,86 @@ async fn connection_listed_headers_cannot_remove_what_the_gateway_sets() {
         assert!(h.header(gone).is_none(), "{gone} forwarded");
     }
     assert!(h.header("connection").is_none_or(|c| !c.contains("x-forwarded")));
-    // Listing Authorization as hop-by-hop drops it from the forwarded request; it never adds access.
-    let req = format!("GET /api/client/features HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nConnection: close, authorization\r\n\r\n");
-    assert_eq!(r.send(req.as_bytes()).await, vec![200]);
-    assert!(r.up.seen()[0].header("authorization").is_none());
+    // Listing the credential (or the cookie, Host or length) as hop-by-hop would strip it after it was
+    // authorized, so that Unleash saw a token-less request: refused, and Unleash sees nothing.
+    r.up.clear();
+    for (listed, name) in [
+        ("authorization", "authorization"),
+        ("Cookie", "cookie"),
+        ("x-a, HOST", "host"),
+        ("content-length", "content-length"),
+    ] {
+        let req = format!("GET /api/client/features HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\nCookie: s=1\r\nConnection: close, {listed}\r\n\r\n");
+        let reply = raw(r.gw.addr, req.as_bytes()).await;
+        assert_eq!(raw_status(&reply), 400, "{listed}: {reply}");
+        assert!(reply.contains(r#""code":"connection_names_protected""#), "{reply}");
+        assert!(reply.contains(name), "{reply}");
+    }
+    assert_eq!(
+        r.up.count(),
+        0,
+        "a request whose Connection names its credential reached Unleash"
+    );
+    r.still_serves().await;
+}
+
+#[tokio::test]
+async fn overrides_forwarding_claims_and_consumed_fields_never_reach_unleash() {
+    let r = rig().await;
+    let junk = [
+        "X-HTTP-Method-Override: DELETE",
+        "X-HTTP-Method: DELETE",
+        "X-Method-Override: DELETE",
+        "X-Original-URI: /api/admin/api-tokens",
+        "X-Override-URL: /api/admin/api-tokens",
+        "X-Host: evil.example",
+        "X-Original-Host: evil.example",
+        "X-Forwarded-Server: evil.example",
+        "X-Forwarded-Port: 1",
+        "X-Forwarded-Scheme: https",
+        "X-Client-IP: 6.6.6.6",
+        "True-Client-IP: 6.6.6.6",
+        "X_Client_IP: 6.6.6.6",
+        "HTTP2-Settings: AAMAAABkAAQAAP__",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+    ]
+    .join("\r\n");
+    let req = format!("POST /api/client/metrics HTTP/1.1\r\nHost: gw\r\nAuthorization: {CLIENT}\r\n{junk}\r\nExpect: 100-continue\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}");
+    assert_eq!(r.send(req.as_bytes()).await, vec![100, 200]);
+    let seen = r.up.seen();
+    let h = &seen[0];
+    assert_eq!(h.method, http::Method::POST, "the method the gateway authorized");
+    assert_eq!(h.path(), "/api/client/metrics");
+    assert_eq!(h.body.as_ref(), b"{}");
+    for line in junk.split("\r\n").chain(["Expect: 100-continue"]) {
+        let name = line.split(':').next().unwrap().to_ascii_lowercase();
+        assert!(h.header(&name).is_none(), "{name} reached Unleash");
+    }
+    r.still_serves().await;
+}
+
+#[tokio::test]
+async fn x_forwarded_host_is_sent_only_for_a_plain_host_and_port() {
+    let r = rig().await;
+    for (host, forwarded) in [
+        ("gw:4243", Some("gw:4243")),
+        ("[::1]:4243", Some("[::1]:4243")),
+        ("a b c", None),
+        ("admin:secret@host", None),
+        ("host/api/admin", None),
+    ] {
+        let req = format!(
+            "GET /api/client/features HTTP/1.1\r\nHost: {host}\r\nAuthorization: {CLIENT}\r\nConnection: close\r\n\r\n"
+        );
+        let statuses = r.send(req.as_bytes()).await;
+        if statuses != vec![200] {
+            // The HTTP layer may refuse a Host it cannot parse at all; then nothing was forwarded.
+            assert!(r.up.seen().is_empty(), "{host}: {statuses:?}");
+            continue;
+        }
+        assert_eq!(r.up.seen()[0].header("x-forwarded-host"), forwarded, "Host: {host}");
+    }
     r.still_serves().await;
 }
 

@@ -28,7 +28,20 @@ pub struct Activity {
     /// Locked once per stream and by the watchdog's tick, never per frame.
     streams: Mutex<Vec<Weak<StreamClock>>>,
     epoch: Instant,
+    /// Forwarded requests the client abandoned: the window's second (top 32 bits) and its count.
+    cancels: AtomicU64,
+    /// Woken when the client abandons more than [`CANCEL_BUDGET`] forwarded requests in a window.
+    over_budget: tokio::sync::Notify,
+    /// The HTTP/1 request line being read had a raw `#` in its target.
+    fragment: std::sync::atomic::AtomicBool,
 }
+
+/// Forwarded requests a client may abandon per [`CANCEL_WINDOW`] on one connection. h2's own rapid-reset
+/// guard counts only streams reset before the server accepted them; a client that waits a moment and
+/// then resets gets each request forwarded and cancelled, so every reset would cost Unleash a request.
+/// Past the budget the connection is shut down (GOAWAY, then closed).
+pub const CANCEL_BUDGET: u32 = 100;
+pub const CANCEL_WINDOW: Duration = Duration::from_secs(10);
 
 /// One HTTP/2 response stream: when it handed the connection a chunk that the client has not yet taken.
 /// hyper polls a response body again only once the stream has flow-control window, so a chunk that
@@ -90,6 +103,9 @@ impl Activity {
             write_blocked: AtomicU64::new(0),
             streams: Mutex::new(Vec::new()),
             epoch: Instant::now(),
+            cancels: AtomicU64::new(0),
+            over_budget: tokio::sync::Notify::new(),
+            fragment: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -101,18 +117,26 @@ impl Activity {
         phase << 62 | (ms & ((1 << 62) - 1))
     }
 
-    /// Bytes arrived: an idle connection starts reading a request head.
-    pub fn on_read(&self) {
+    /// Bytes arrived: an idle connection starts reading a request head (true when this read began one).
+    pub fn on_read(&self) -> bool {
         let cur = self.state.load(Ordering::Relaxed);
-        if cur >> 62 == IDLE {
-            // Lost race = a request began meanwhile, which is the more advanced phase: nothing to do.
-            let _ = self.state.compare_exchange(
-                cur,
-                Self::pack(READING_HEAD, self.now_ms()),
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            );
-        }
+        // Lost race = a request began meanwhile, which is the more advanced phase: nothing to do.
+        cur >> 62 == IDLE
+            && self
+                .state
+                .compare_exchange(
+                    cur,
+                    Self::pack(READING_HEAD, self.now_ms()),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+    }
+
+    /// Whether the request line just read carried a raw `#` in its target (and forgets it). The URI
+    /// parser cuts a fragment off silently, query and all, so only the raw bytes can tell.
+    pub fn take_fragment(&self) -> bool {
+        self.fragment.swap(false, Ordering::AcqRel)
     }
 
     /// A complete request head was parsed and handed to the service.
@@ -126,6 +150,32 @@ impl Activity {
         if self.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.state.store(Self::pack(IDLE, self.now_ms()), Ordering::Release);
         }
+    }
+
+    /// The client abandoned a request that had been forwarded (or was waiting for an upstream slot).
+    pub fn cancelled(&self) {
+        let window = (self.epoch.elapsed().as_secs() / CANCEL_WINDOW.as_secs()) as u32;
+        let mut cur = self.cancels.load(Ordering::Relaxed);
+        loop {
+            let count = if (cur >> 32) as u32 == window { cur as u32 } else { 0 };
+            let next = (u64::from(window) << 32) | u64::from(count.saturating_add(1));
+            match self
+                .cancels
+                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) if count + 1 > CANCEL_BUDGET => {
+                    self.over_budget.notify_one();
+                    return;
+                }
+                Ok(_) => return,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Resolves once the client has abandoned more forwarded requests than the budget allows.
+    pub async fn over_cancel_budget(&self) {
+        self.over_budget.notified().await;
     }
 
     /// A write found the client's socket full (or went through again). Called on every write, so the
@@ -201,6 +251,77 @@ impl Activity {
 pub struct Watched<T> {
     pub io: T,
     pub activity: std::sync::Arc<Activity>,
+    pub line: LineScan,
+}
+
+impl<T> Watched<T> {
+    pub fn new(io: T, activity: std::sync::Arc<Activity>) -> Watched<T> {
+        Watched {
+            io,
+            activity,
+            line: LineScan::default(),
+        }
+    }
+}
+
+/// Reads the target of each HTTP/1 request line as it arrives, for the one thing the parsed URI no
+/// longer shows: a raw `#` (RFC 9112 §3.2 allows none in a request target; the URI parser would drop it
+/// with everything after it). Only heads that start on an idle connection are read (a pipelined request
+/// is parsed as usual, its fragment dropped, never forwarded); an HTTP/2 connection is recognised by its
+/// preface and never scanned.
+#[derive(Default)]
+pub struct LineScan {
+    state: Line,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// Not inside a request line.
+    #[default]
+    Off,
+    /// Leading empty lines, then the method.
+    Method,
+    Target,
+    /// HTTP/2 (the preface's `PRI * HTTP/2.0`): never scanned again.
+    Never,
+}
+
+impl LineScan {
+    fn start(&mut self) {
+        if self.state != Line::Never {
+            self.state = Line::Method;
+        }
+    }
+
+    /// Scans bytes of a request line; true when its target holds a `#`.
+    fn scan(&mut self, bytes: &[u8]) -> bool {
+        let mut method_len = 0usize;
+        for (i, &b) in bytes.iter().enumerate() {
+            match self.state {
+                Line::Off | Line::Never => return false,
+                Line::Method => match b {
+                    b'\r' | b'\n' if method_len == 0 => {}
+                    b' ' => {
+                        if bytes[..i].ends_with(b"PRI") {
+                            self.state = Line::Never;
+                            return false;
+                        }
+                        self.state = Line::Target;
+                    }
+                    _ => method_len += 1,
+                },
+                Line::Target => match b {
+                    b'#' => {
+                        self.state = Line::Off;
+                        return true;
+                    }
+                    b' ' | b'\r' | b'\n' => self.state = Line::Off,
+                    _ => {}
+                },
+            }
+        }
+        false
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
@@ -209,7 +330,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         let this = &mut *self;
         let res = Pin::new(&mut this.io).poll_read(cx, buf);
         if buf.filled().len() > before {
-            this.activity.on_read();
+            if this.activity.on_read() {
+                this.line.start();
+            }
+            if this.line.state != Line::Off && this.line.scan(&buf.filled()[before..]) {
+                this.activity.fragment.store(true, Ordering::Release);
+            }
         }
         res
     }
@@ -301,5 +427,25 @@ mod tests {
         assert_eq!(a.check(h, i), Expiry::Busy, "the stream is gone");
         assert_eq!(a.streams.lock().unwrap().len(), 1, "dead clocks are pruned");
         drop(quiet);
+    }
+
+    #[test]
+    fn the_line_scan_finds_a_raw_fragment_in_a_request_target_across_reads_and_never_scans_http2() {
+        let mut l = LineScan::default();
+        l.start();
+        assert!(!l.scan(b"GET /api/cli"));
+        assert!(l.scan(b"ent#x HTTP/1.1\r\n"), "split across two reads");
+        l.start();
+        assert!(
+            !l.scan(b"\r\nGET /api/client?a=1 HTTP/1.1\r\nX-A: #\r\n"),
+            "a '#' in a header is not the target's"
+        );
+        l.start();
+        assert!(!l.scan(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+        l.start();
+        assert!(
+            !l.scan(b"\x00\x00\x12\x01 /#"),
+            "an HTTP/2 connection is never scanned again"
+        );
     }
 }

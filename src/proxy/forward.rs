@@ -2,6 +2,7 @@
 
 use super::body::{BodyFault, UpstreamBody};
 use super::connector::CountingConnector;
+use super::slots::Slot;
 use crate::config::{Config, Upstream};
 use crate::error::Rejection;
 use crate::path::CanonicalPath;
@@ -10,8 +11,9 @@ use http::uri::PathAndQuery;
 use http::Uri;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::future::Future;
 use std::time::Duration;
 
 pub type UpstreamClient = Client<HttpsConnector<CountingConnector>, UpstreamBody>;
@@ -86,5 +88,83 @@ pub fn body_rejection(fault: BodyFault, limit: u64) -> Rejection {
         BodyFault::TooLarge => Rejection::BodyTooLarge(limit),
         BodyFault::Malformed => Rejection::MalformedBody,
         BodyFault::Stalled => Rejection::BodyTimeout,
+    }
+}
+
+/// Why an exchange produced no response head.
+pub enum Failed {
+    Timeout,
+    Client(hyper_util::client::legacy::Error),
+}
+
+/// A response body drained in the background is read at most this far, for at most this long; a
+/// longer one (an event stream) costs its connection instead.
+const DRAIN_BYTES: usize = 1 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// Sends `req` and waits up to `timeout` for the response head, holding `slot` meanwhile.
+///
+/// If the client leaves first (this future is dropped) and the request body was complete when sent
+/// (`detachable`), the exchange is finished in the background and its response drained, keeping the
+/// pooled connection: dropping a request in flight closes its upstream connection, so a client that
+/// resets each stream a moment after sending it would turn every reset into a new TCP (and TLS)
+/// connection to Unleash. The slot is given back when the background work is done.
+pub async fn exchange(
+    client: &UpstreamClient,
+    req: http::Request<UpstreamBody>,
+    slot: Slot,
+    timeout: Duration,
+    detachable: bool,
+) -> (Result<http::Response<hyper::body::Incoming>, Failed>, Option<Slot>) {
+    let mut inflight = Detach {
+        fut: Some(client.request(req)),
+        slot: Some(slot),
+        deadline: tokio::time::Instant::now() + timeout,
+        detachable,
+    };
+    let deadline = inflight.deadline;
+    let result = tokio::time::timeout_at(
+        deadline,
+        std::future::poll_fn(|cx| match inflight.fut.as_mut() {
+            Some(f) => std::pin::Pin::new(f).poll(cx),
+            None => std::task::Poll::Pending,
+        }),
+    )
+    .await;
+    // Answered or timed out: nothing is left to finish in the background.
+    inflight.fut = None;
+    let result = match result {
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(e)) => Err(Failed::Client(e)),
+        Err(_) => Err(Failed::Timeout),
+    };
+    (result, inflight.slot.take())
+}
+
+struct Detach {
+    fut: Option<ResponseFuture>,
+    slot: Option<Slot>,
+    deadline: tokio::time::Instant,
+    detachable: bool,
+}
+
+impl Drop for Detach {
+    fn drop(&mut self) {
+        let (Some(fut), true) = (self.fut.take(), self.detachable) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let slot = self.slot.take();
+        let deadline = self.deadline;
+        runtime.spawn(async move {
+            let _slot = slot;
+            if let Ok(Ok(resp)) = tokio::time::timeout_at(deadline, fut).await {
+                let until = deadline.min(tokio::time::Instant::now() + DRAIN_TIME);
+                let body = http_body_util::Limited::new(resp.into_body(), DRAIN_BYTES);
+                let _ = tokio::time::timeout_at(until, http_body_util::BodyExt::collect(body)).await;
+            }
+        });
     }
 }

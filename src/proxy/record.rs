@@ -32,7 +32,7 @@ pub struct Record {
 }
 
 impl Record {
-    fn emit(&self, bytes: u64, complete: bool) {
+    pub fn emit(&self, bytes: u64, complete: bool) {
         let fingerprint = self.token.map(|(f, _)| f.to_string());
         let kind = self.token.and_then(|(_, k)| k).map(TokenKind::as_str);
         tracing::info!(

@@ -171,15 +171,15 @@ async fn serve_conn<S>(
         share: Default::default(),
         stop: Some(stop.clone()),
     };
+    // Why the watchdog closed a connection, for on-call: slow clients and abusive ones look alike in logs.
+    let closed = gw.metrics.connections_closed.clone();
     let svc = service_fn(move |req| handle(gw.clone(), req, ctx.clone()));
-    let io = TokioIo::new(Watched {
-        io: stream,
-        activity: activity.clone(),
-    });
+    let io = TokioIo::new(Watched::new(stream, activity.clone()));
     let builder = conn_builder(&limits);
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);
     let mut draining = false;
+    let mut calm_deadline: Option<tokio::time::Instant> = None;
     // The watchdog samples the phase on a tick instead of being woken by every request: per-request
     // wakeups and timer registrations cost more than the timeouts' precision is worth.
     let tick = (limits.header_read_timeout.min(limits.idle_timeout) / 4)
@@ -197,14 +197,17 @@ async fn serve_conn<S>(
             _ = ticker.tick() => match activity.check(limits.header_read_timeout, limits.idle_timeout) {
                 Expiry::HeaderTimeout => {
                     tracing::debug!(%peer, "request head not received in time: closing (slow client)");
+                    closed.with_label_values(&["header_timeout"]).inc();
                     return;
                 }
                 Expiry::IdleTimeout => {
                     tracing::trace!(%peer, "idle keep-alive connection closed");
+                    closed.with_label_values(&["idle_timeout"]).inc();
                     return;
                 }
                 Expiry::WriteTimeout => {
                     tracing::debug!(%peer, "client stopped reading its response: closing (slow reader)");
+                    closed.with_label_values(&["write_timeout"]).inc();
                     return;
                 }
                 Expiry::At(_) | Expiry::Busy => {}
@@ -213,14 +216,43 @@ async fn serve_conn<S>(
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
+            _ = activity.over_cancel_budget(), if calm_deadline.is_none() => {
+                // hyper cannot send GOAWAY with ENHANCE_YOUR_CALM; a graceful GOAWAY (NO_ERROR) stops new
+                // streams, and the connection is closed shortly after whatever it still has in flight.
+                tracing::warn!(%peer, budget = super::conn::CANCEL_BUDGET, "client abandons forwarded requests faster than the budget allows: closing the connection");
+                closed.with_label_values(&["cancel_budget"]).inc();
+                conn.as_mut().graceful_shutdown();
+                calm_deadline = Some(tokio::time::Instant::now() + CALM_GRACE);
+            }
+            _ = async { tokio::time::sleep_until(calm_deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if calm_deadline.is_some() => {
+                return;
+            }
         }
     }
 }
 
+/// After a connection is told to calm down, how long its open streams may take before it is closed.
+const CALM_GRACE: Duration = Duration::from_secs(1);
+
+/// How long an internal-listener connection may sit without a complete request: probes and scrapes
+/// send theirs at once, so anything slower is a connection holding a place for nothing.
+pub const SIMPLE_IDLE: Duration = Duration::from_secs(2);
+
+/// One connection of an internal listener, as the accept loop sees it.
+struct Tracked {
+    /// A request is being answered on it now.
+    busy: Arc<std::sync::atomic::AtomicBool>,
+    /// Closes it (when the listener is full and a new client needs its place).
+    close: Arc<tokio::sync::Notify>,
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
 /// A minimal loop for small internal servers (admin listener, demo upstream): HTTP/1.1 only (probes and
-/// scrapes speak it; an h2c connection would have no idle timeout here), hyper's 10 s header timer (which
-/// also closes idle keep-alive connections), and at most `max_connections` open, so a flood on an
-/// internal port cannot use up the file descriptors the proxy port needs.
+/// scrapes speak it; an h2c connection would have no idle timeout here), hyper's header timer at
+/// [`SIMPLE_IDLE`] (which also closes idle keep-alive connections), and at most `max_connections` open,
+/// so a flood on an internal port cannot use up the file descriptors the proxy port needs. When the cap
+/// is reached, a new client takes the place of the oldest connection that is not answering a request:
+/// idle clients cannot hold the places that liveness and readiness probes need.
 pub async fn serve_simple<F, Fut>(
     listener: TcpListener,
     handler: F,
@@ -232,15 +264,64 @@ pub async fn serve_simple<F, Fut>(
         + Send
         + 'static,
 {
+    use std::sync::atomic::{AtomicBool, Ordering};
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
+    builder.timer(TokioTimer::new()).header_read_timeout(SIMPLE_IDLE);
     let permits = Arc::new(Semaphore::new(max_connections.max(1)));
-    while let Some((permit, stream, _)) = accept_within_cap(&listener, &permits, &mut stop).await {
-        let conn = builder.serve_connection(TokioIo::new(stream), service_fn(handler.clone()));
+    let mut open: std::collections::VecDeque<Tracked> = std::collections::VecDeque::new();
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => return,
+        };
+        open.retain(|t| !t.done.load(Ordering::Acquire));
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Full: the oldest connection not answering anything makes room.
+                if let Some(i) = open.iter().position(|t| !t.busy.load(Ordering::Acquire)) {
+                    if let Some(t) = open.remove(i) {
+                        t.close.notify_one();
+                    }
+                }
+                match tokio::time::timeout(SIMPLE_IDLE, permits.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => p,
+                    _ => continue,
+                }
+            }
+        };
+        let tracked = Tracked {
+            busy: Arc::new(AtomicBool::new(false)),
+            close: Arc::new(tokio::sync::Notify::new()),
+            done: Arc::new(AtomicBool::new(false)),
+        };
+        let (busy, close, done) = (tracked.busy.clone(), tracked.close.clone(), tracked.done.clone());
+        open.push_back(tracked);
+        let handler = handler.clone();
+        let svc = service_fn(move |req| {
+            let busy = busy.clone();
+            let fut = handler(req);
+            busy.store(true, Ordering::Release);
+            async move {
+                let r = fut.await;
+                busy.store(false, Ordering::Release);
+                r
+            }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), svc);
         tokio::spawn(async move {
-            let _ = conn.await;
+            tokio::select! {
+                _ = conn => {}
+                _ = close.notified() => {}
+            }
+            done.store(true, Ordering::Release);
             drop(permit);
         });
     }
@@ -269,28 +350,34 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_internal_listener_serves_at_most_its_connection_cap_and_then_the_next_in_line() {
+    async fn a_full_internal_listener_gives_the_oldest_idle_connections_place_to_a_new_client() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (_stop, stop_rx) = watch::channel(false);
         tokio::spawn(serve_simple(listener, ok, 2, stop_rx));
 
-        let idle = [
+        let mut idle = [
             TcpStream::connect(addr).await.unwrap(),
             TcpStream::connect(addr).await.unwrap(),
         ];
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let mut third = TcpStream::connect(addr).await.unwrap();
-        let waiting = tokio::time::timeout(Duration::from_millis(500), get(&mut third)).await;
-        assert!(
-            waiting.is_err(),
-            "a third connection was served beyond the cap of 2: {waiting:?}"
-        );
-
-        drop(idle);
-        let reply = tokio::time::timeout(Duration::from_secs(5), get(&mut third))
+        let reply = tokio::time::timeout(Duration::from_secs(1), get(&mut third))
             .await
-            .expect("not served once a slot was free")
+            .expect("a probe waited behind idle connections")
             .unwrap();
         assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        let mut buf = [0u8; 1];
+        let evicted = tokio::time::timeout(Duration::from_secs(1), idle[0].read(&mut buf)).await;
+        assert!(
+            matches!(evicted, Ok(Ok(0)) | Ok(Err(_))),
+            "the oldest idle connection was not closed"
+        );
+        // Idle connections do not live long anyway.
+        let closed = tokio::time::timeout(SIMPLE_IDLE * 2, idle[1].read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "an idle connection outlived the idle timer"
+        );
     }
 }

@@ -40,10 +40,14 @@ impl Recorded {
 
 pub struct Builder {
     routes: Vec<(String, Handler)>,
+    delays: Vec<(String, std::time::Duration)>,
 }
 
 pub fn upstream() -> Builder {
-    Builder { routes: Vec::new() }
+    Builder {
+        routes: Vec::new(),
+        delays: Vec::new(),
+    }
 }
 
 impl Builder {
@@ -53,23 +57,35 @@ impl Builder {
         self
     }
 
+    /// Answers requests on `path` only after `delay` (a slow Unleash), after reading their body.
+    pub fn delay(mut self, path: &str, delay: std::time::Duration) -> Self {
+        self.delays.push((path.to_string(), delay));
+        self
+    }
+
     pub async fn run(self) -> MockUpstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let routes = Arc::new(self.routes);
+        let delays = Arc::new(self.delays);
         let s = seen.clone();
+        let accepted = connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let seen = s.clone();
                 let routes = routes.clone();
+                let delays = delays.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let seen = seen.clone();
                         let routes = routes.clone();
+                        let delays = delays.clone();
                         async move {
                             let (parts, body) = req.into_parts();
                             let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
@@ -85,6 +101,9 @@ impl Builder {
                                 body,
                             };
                             seen.lock().unwrap().push(rec.clone());
+                            if let Some((_, d)) = delays.iter().find(|(p, _)| p == "*" || p == rec.path()) {
+                                tokio::time::sleep(*d).await;
+                            }
                             let resp = routes
                                 .iter()
                                 .find(|(p, _)| p == "*" || p == rec.path())
@@ -99,13 +118,19 @@ impl Builder {
                 });
             }
         });
-        MockUpstream { addr, seen, task }
+        MockUpstream {
+            addr,
+            seen,
+            connections,
+            task,
+        }
     }
 }
 
 pub struct MockUpstream {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Recorded>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -116,6 +141,10 @@ impl MockUpstream {
     /// Everything received so far.
     pub fn seen(&self) -> Vec<Recorded> {
         self.seen.lock().unwrap().clone()
+    }
+    /// TCP connections accepted so far (pooled keep-alive connections count once).
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
     pub fn count(&self) -> usize {
         self.seen.lock().unwrap().len()

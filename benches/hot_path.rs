@@ -3,8 +3,7 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use flaggate::path::canonicalize;
 use flaggate::policy::{decide, Policy};
-use flaggate::proxy::forward::upstream_uri;
-use flaggate::proxy::headers::{forwarded_for, set_forwarded, strip_gateway_set, strip_hop_by_hop};
+use flaggate::proxy::headers::{forwarded_for, set_forwarded, strip_consumed, strip_gateway_set, strip_hop_by_hop};
 use flaggate::proxy::record::request_id;
 use flaggate::token::extract::extract;
 use flaggate::token::store::{TokenSet, TokenStore};
@@ -99,9 +98,24 @@ fn bench(c: &mut Criterion) {
     });
     // Everything the gateway does to a request in memory, from the SDK's head to the head sent upstream:
     // canonicalize, authenticate, authorize, header hygiene, X-Forwarded-*, request id, upstream URI.
-    let upstream = flaggate::config::Upstream::parse("http://unleash:4242")
+    let url = flaggate::config::UpstreamUrl::parse("http://unleash:4242")
         .unwrap()
         .upstream;
+    let upstream = flaggate::upstream::Upstream::new(
+        flaggate::upstream::Settings {
+            url: &url,
+            connect_timeout: std::time::Duration::from_secs(2),
+            extra_ca: None,
+            identity: None,
+            max_inflight: 1024,
+            shares: flaggate::upstream::Shares {
+                per_connection: 32,
+                per_token: 256,
+            },
+        },
+        &prometheus::Registry::new(),
+    )
+    .unwrap();
     let peer = forwarded_for("10.1.2.3".parse().unwrap()); // once per connection
     g.bench_function("request_path_total", |b| {
         b.iter_batched(
@@ -114,10 +128,11 @@ fn bench(c: &mut Criterion) {
                 let host = h.get(http::header::HOST).cloned();
                 strip_hop_by_hop(&mut h);
                 strip_gateway_set(&mut h);
+                strip_consumed(&mut h);
                 h.remove(http::header::HOST);
                 set_forwarded(&mut h, peer.clone(), "http", host);
                 h.insert("x-request-id", request_id(None));
-                let uri = upstream_uri(&upstream, &p, Some("project=default"));
+                let uri = upstream.uri(p.as_str(), Some("project=default"));
                 (verdict, h, uri.is_ok())
             },
             criterion::BatchSize::SmallInput,

@@ -2,13 +2,14 @@
 //! alongside, SDK traffic: `/health`, `/ready`, `/metrics`.
 
 use crate::error::json_response;
-use crate::telemetry::Metrics;
+use crate::telemetry::{must, register_sampled};
 use crate::token::store::TokenStore;
 use crate::token::unleash::SyncStatus;
 use crate::token::TokenSource;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
+use prometheus::{IntGauge, Registry};
 use serde_json::json;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,29 +19,49 @@ use std::sync::Arc;
 /// only keeps a flood on this port from using up file descriptors the proxy port needs.
 pub const MAX_CONNECTIONS: usize = 256;
 
-pub struct AdminState {
+/// Whether the instance should get traffic: every configured token source has delivered a set, and
+/// it is not draining.
+#[derive(Clone)]
+pub struct Readiness {
     pub store: Arc<TokenStore>,
-    pub metrics: Arc<Metrics>,
     /// Set at the start of shutdown so load balancers stop sending before we stop accepting.
-    pub draining: AtomicBool,
+    pub draining: Arc<AtomicBool>,
     /// Present in Unleash-sync mode.
     pub sync: Option<Arc<SyncStatus>>,
     /// Every source that must have delivered a set before the instance is ready.
     pub required: Vec<TokenSource>,
 }
 
-impl AdminState {
+impl Readiness {
     fn missing_source(&self) -> Option<TokenSource> {
         self.required.iter().copied().find(|s| !self.store.is_source_loaded(*s))
     }
 
-    fn is_ready(&self) -> bool {
+    pub fn is_ready(&self) -> bool {
         !self.draining.load(Ordering::Acquire) && self.missing_source().is_none() && self.store.is_loaded()
     }
 
     fn sync_age(&self) -> Option<f64> {
         self.sync.as_ref().and_then(|s| s.age_seconds())
     }
+
+    /// `flaggate_ready`, read at scrape time.
+    pub fn register(&self, registry: &Registry) {
+        let me = self.clone();
+        register_sampled(
+            registry,
+            must(IntGauge::new(
+                "flaggate_ready",
+                "1 when /ready answers 200 (every token source loaded and not draining), else 0",
+            )),
+            move |g| g.set(i64::from(me.is_ready())),
+        );
+    }
+}
+
+pub struct AdminState {
+    pub registry: Registry,
+    pub readiness: Readiness,
 }
 
 pub async fn handle<B>(state: Arc<AdminState>, req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
@@ -52,9 +73,9 @@ pub async fn handle<B>(state: Arc<AdminState>, req: Request<B>) -> Result<Respon
     }
     Ok(match req.uri().path() {
         "/health" => json_response(StatusCode::OK, &json!({"health": "GOOD"})),
-        "/ready" => ready(&state),
+        "/ready" => ready(&state.readiness),
         "/metrics" => {
-            let body = state.metrics.render(&state.store, state.sync_age(), state.is_ready());
+            let body = crate::telemetry::render(&state.registry);
             let mut r = Response::new(Full::new(Bytes::from(body)));
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,
@@ -69,7 +90,7 @@ pub async fn handle<B>(state: Arc<AdminState>, req: Request<B>) -> Result<Respon
     })
 }
 
-fn ready(state: &AdminState) -> Response<Full<Bytes>> {
+fn ready(state: &Readiness) -> Response<Full<Bytes>> {
     if state.draining.load(Ordering::Acquire) {
         return json_response(
             StatusCode::SERVICE_UNAVAILABLE,

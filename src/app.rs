@@ -1,17 +1,22 @@
 //! Wiring: turns a [`Config`] into running listeners, token sources and watchers; reloads what can be
 //! reloaded; stops everything.
 
-use crate::admin::{self, AdminState};
+use crate::admin::{self, AdminState, Readiness};
 use crate::config::{Config, Settings};
+use crate::proxy::metrics::ProxyMetrics;
 use crate::proxy::server::{serve_proxy, serve_simple, ServeOpts};
-use crate::proxy::{Gateway, UnleashMode};
-use crate::telemetry::Metrics;
+use crate::proxy::Gateway;
+use crate::telemetry::{must, register};
 use crate::tls::{Acceptor, TlsError};
+use crate::token::auth::{Authenticator, UnleashMode};
 use crate::token::file::{apply_token_file, watch_token_file, TokenFileError};
+use crate::token::metrics::TokenMetrics;
 use crate::token::pat::{PatLimits, PatValidator};
 use crate::token::store::TokenStore;
-use crate::token::unleash::{control_client, UnleashSync};
+use crate::token::unleash::UnleashSync;
 use crate::token::TokenSource;
+use crate::upstream::{self, Upstream};
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -66,13 +71,13 @@ struct FileSource {
     _watcher: notify::RecommendedWatcher,
 }
 
-fn start_file_source(store: &Arc<TokenStore>, metrics: &Arc<Metrics>, path: PathBuf) -> Result<FileSource, StartError> {
+fn start_file_source(store: &Arc<TokenStore>, metrics: &TokenMetrics, path: PathBuf) -> Result<FileSource, StartError> {
     let applied = apply_token_file(store, &path)?;
-    metrics.token_source_updates.with_label_values(&["file", "ok"]).inc();
-    let m = metrics.clone();
+    metrics.source_updates.with_label_values(&["file", "ok"]).inc();
+    let updates = metrics.source_updates.clone();
     let on_result = Arc::new(move |r: Result<(), &TokenFileError>| {
         let result = if r.is_ok() { "ok" } else { "error" };
-        m.token_source_updates.with_label_values(&["file", result]).inc();
+        updates.with_label_values(&["file", result]).inc();
     });
     let watcher =
         watch_token_file(store.clone(), path.clone(), applied, on_result).map_err(|source| StartError::Watch {
@@ -85,11 +90,13 @@ fn start_file_source(store: &Arc<TokenStore>, metrics: &Arc<Metrics>, path: Path
 /// Starts the gateway. With `settings`, the config file is watched and [`Running::reload`] works: the
 /// settings are resolved again (re-reading the file) and the reloadable part is swapped in.
 pub async fn start(cfg: Config, settings: Option<Settings>) -> Result<Running, StartError> {
+    let registry = crate::telemetry::registry();
     let store = Arc::new(TokenStore::new());
-    let metrics = Arc::new(Metrics::new());
+    let token_metrics = TokenMetrics::register(&registry);
+    let reloads = ReloadMetrics::register(&registry);
     let mut watchers = Vec::new();
     let file_source = match &cfg.token_file {
-        Some(p) => Some(start_file_source(&store, &metrics, p.clone())?),
+        Some(p) => Some(start_file_source(&store, &token_metrics, p.clone())?),
         None => None,
     };
 
@@ -114,16 +121,16 @@ pub async fn start(cfg: Config, settings: Option<Settings>) -> Result<Running, S
     let (stop, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let mut unleash = None;
+    // The one client for everything that talks to Unleash: forwarding, token sync, PAT checks.
+    let upstream = Arc::new(Upstream::new(upstream::Settings::from_config(&cfg), &registry)?);
     if let Some(token) = &cfg.upstream_token {
-        let client = control_client(cfg.upstream_connect_timeout);
         let sync = Arc::new(
             UnleashSync::new(
-                client.clone(),
-                &cfg.upstream,
+                upstream.clone(),
                 token,
                 cfg.sync_interval,
                 store.clone(),
-                metrics.clone(),
+                token_metrics.clone(),
                 cfg.state_dir.clone(),
             )
             .map_err(StartError::Unleash)?,
@@ -134,15 +141,16 @@ pub async fn start(cfg: Config, settings: Option<Settings>) -> Result<Running, S
             negative_ttl: cfg.pat_negative_ttl,
             rate_per_sec: cfg.pat_rate_limit,
         };
-        let pat = PatValidator::new(client, &cfg.upstream, limits, metrics.clone()).map_err(StartError::Unleash)?;
+        let pat = PatValidator::new(upstream.clone(), limits, token_metrics.clone());
         tasks.push(tokio::spawn(sync.clone().run(stop_rx.clone())));
         unleash = Some(UnleashMode { sync, pat });
     }
     let sync_status = unleash.as_ref().map(|u| u.sync.status.clone());
-    let gateway = Arc::new(Gateway::new(&cfg, store.clone(), metrics.clone(), unleash)?);
-    let admin = Arc::new(AdminState {
+    TokenMetrics::watch(&registry, store.clone(), sync_status.clone());
+    let auth = Authenticator::new(store.clone(), unleash, token_metrics.clone());
+    let gateway = Arc::new(Gateway::new(&cfg, auth, upstream, ProxyMetrics::register(&registry)));
+    let readiness = Readiness {
         store: store.clone(),
-        metrics: metrics.clone(),
         draining: Default::default(),
         sync: sync_status,
         required: [
@@ -152,7 +160,9 @@ pub async fn start(cfg: Config, settings: Option<Settings>) -> Result<Running, S
         .into_iter()
         .flatten()
         .collect(),
-    });
+    };
+    readiness.register(&registry);
+    let admin = Arc::new(AdminState { registry, readiness });
     let opts = ServeOpts {
         max_connections: cfg.max_connections,
         shutdown_grace: cfg.shutdown_grace,
@@ -190,12 +200,13 @@ pub async fn start(cfg: Config, settings: Option<Settings>) -> Result<Running, S
         current: cfg,
         gateway: gateway.clone(),
         store,
-        metrics,
+        token_metrics,
+        metrics: reloads,
         file_source: Mutex::new(file_source),
     };
     tasks.push(tokio::spawn(reloader.run(reload_rx, file_rx, stop_rx)));
 
-    tracing::info!(listen = %proxy_addr, admin_listen = %admin_addr, upstream = %gateway.upstream(), "flaggate started");
+    tracing::info!(listen = %proxy_addr, admin_listen = %admin_addr, upstream = %gateway.upstream.url(), "flaggate started");
     Ok(Running {
         proxy_addr,
         admin_addr,
@@ -210,12 +221,46 @@ pub async fn start(cfg: Config, settings: Option<Settings>) -> Result<Running, S
     })
 }
 
+/// The app's own metrics: configuration reloads.
+struct ReloadMetrics {
+    reloads: IntCounterVec,
+    last_success: IntGauge,
+}
+
+impl ReloadMetrics {
+    fn register(registry: &Registry) -> ReloadMetrics {
+        let reloads = register(
+            registry,
+            must(IntCounterVec::new(
+                Opts::new(
+                    "flaggate_config_reloads_total",
+                    "Configuration reloads (SIGHUP or file change) by result",
+                ),
+                &["result"],
+            )),
+        );
+        for r in ["ok", "error"] {
+            reloads.with_label_values(&[r]);
+        }
+        let last_success = register(
+            registry,
+            must(IntGauge::new(
+                "flaggate_config_last_reload_success",
+                "1 if the last configuration reload applied (or none was tried), 0 if it was rejected",
+            )),
+        );
+        last_success.set(1);
+        ReloadMetrics { reloads, last_success }
+    }
+}
+
 struct Reloader {
     settings: Option<Settings>,
     current: Config,
     gateway: Arc<Gateway>,
     store: Arc<TokenStore>,
-    metrics: Arc<Metrics>,
+    token_metrics: TokenMetrics,
+    metrics: ReloadMetrics,
     file_source: Mutex<Option<FileSource>>,
 }
 
@@ -234,7 +279,7 @@ impl Reloader {
             let forced = tokio::select! {
                 r = asked.recv() => match r { Some(()) => true, None => break },
                 Some(()) = file.recv() => false,
-                _ = crate::proxy::server::stopped(&mut stop) => break,
+                _ = stop.wait_for(|s| *s) => break,
             };
             // Editors write, rename and chmod in a burst: reload once it settles.
             tokio::time::sleep(Duration::from_millis(150)).await;
@@ -263,7 +308,7 @@ impl Reloader {
         if new.token_file != self.current.token_file {
             let mut slot = self.file_source.lock().unwrap_or_else(|e| e.into_inner());
             match &new.token_file {
-                Some(p) => match start_file_source(&self.store, &self.metrics, p.clone()) {
+                Some(p) => match start_file_source(&self.store, &self.token_metrics, p.clone()) {
                     Ok(src) => *slot = Some(src),
                     Err(e) => return self.failed(&e.to_string()),
                 },
@@ -300,15 +345,15 @@ impl Reloader {
         }
         crate::telemetry::set_log_level(new.log_level.as_deref());
         self.gateway.apply(&new);
-        self.metrics.config_reloads.with_label_values(&["ok"]).inc();
-        self.metrics.config_last_reload_success.set(1);
+        self.metrics.reloads.with_label_values(&["ok"]).inc();
+        self.metrics.last_success.set(1);
         tracing::info!(routes = new.routes.len(), "configuration reloaded");
         self.current = new;
     }
 
     fn failed(&self, reason: &str) {
-        self.metrics.config_reloads.with_label_values(&["error"]).inc();
-        self.metrics.config_last_reload_success.set(0);
+        self.metrics.reloads.with_label_values(&["error"]).inc();
+        self.metrics.last_success.set(0);
         tracing::error!(
             error = reason,
             "configuration reload rejected; the running configuration stays"
@@ -319,7 +364,7 @@ impl Reloader {
 impl Running {
     /// Flips readiness to 503, stops accepting, and lets in-flight requests finish.
     pub fn shutdown(&self) {
-        self.admin.draining.store(true, Ordering::Release);
+        self.admin.readiness.draining.store(true, Ordering::Release);
         let _ = self.stop.send(true);
     }
 

@@ -3,10 +3,10 @@
 //! where the value came from, the key, and the reason, before any socket is opened.
 
 mod settings;
-mod upstream;
+mod upstream_url;
 
 pub use settings::Settings;
-pub use upstream::Upstream;
+pub use upstream_url::UpstreamUrl;
 
 use crate::policy::{DenialStyle, Rule};
 use crate::token::{Digest, TokenKind};
@@ -81,7 +81,7 @@ pub struct Config {
     pub config_file: Option<PathBuf>,
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    pub upstream: Upstream,
+    pub upstream: UpstreamUrl,
     pub token_file: Option<PathBuf>,
     pub upstream_token: Option<Secret>,
     pub sync_interval: Duration,

@@ -4,8 +4,9 @@
 
 use crate::path::PathError;
 use crate::policy::{DenialStyle, Verdict};
-use crate::proxy::slots::{Saturated, Scope};
+use crate::token::auth::AuthError;
 use crate::token::extract::ExtractError;
+use crate::upstream::{Saturated, Scope, UpstreamError};
 use bytes::Bytes;
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use http::{Response, StatusCode};
@@ -27,6 +28,8 @@ pub enum Decision {
     BadRequest,
     RateLimited,
     UpstreamError,
+    /// The gateway itself failed (a bug): never charged to Unleash or the client.
+    InternalError,
     /// The client left before its response began (status 499 in logs and metrics).
     ClientGone,
 }
@@ -40,6 +43,7 @@ impl Decision {
             Decision::BadRequest => "bad_request",
             Decision::RateLimited => "rate_limited",
             Decision::UpstreamError => "upstream_error",
+            Decision::InternalError => "internal_error",
             Decision::ClientGone => "client_gone",
         }
     }
@@ -77,26 +81,30 @@ pub enum Rejection {
     Expired(DenialStyle),
     #[error("token kind may not reach this route")]
     WrongScope,
-    #[error("upstream unreachable: {0}")]
-    UpstreamConnect(String),
-    #[error("upstream connect timed out: {0}")]
-    UpstreamConnectTimeout(String),
-    #[error("upstream did not answer within {0:?}")]
-    UpstreamTimeout(std::time::Duration),
-    #[error("upstream failed: {0}")]
-    UpstreamFailed(String),
-    /// No upstream slot: every one (`upstream_max_inflight`) stayed taken for the connect timeout
-    /// (Unleash is slower than the traffic, or held by event streams), or this request's connection, token
-    /// or the anonymous requests together already hold their share of them.
-    #[error("upstream slots: the {} limit of {} is reached", .0.scope.as_str(), .0.max)]
-    UpstreamSaturated(Saturated),
+    /// Unleash failed us, or its slots are taken (see [`UpstreamError`]).
+    #[error("{}", .0.detail())]
+    Upstream(UpstreamError),
+    /// A PAT Unleash could not be asked about.
+    #[error("{}", crate::upstream::chain(.0))]
+    Unverifiable(AuthError),
     #[error("internal error: {0}")]
     Internal(String),
 }
 
-/// What Unleash's API uses. `CONNECT` would turn the gateway into a tunnel and `TRACE` echoes headers
-/// (credentials included) back; neither, nor any extension method, is forwarded.
-pub const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+impl From<UpstreamError> for Rejection {
+    fn from(e: UpstreamError) -> Rejection {
+        Rejection::Upstream(e)
+    }
+}
+
+impl From<AuthError> for Rejection {
+    fn from(e: AuthError) -> Rejection {
+        match e {
+            AuthError::Malformed(e) => Rejection::BadAuthorization(e),
+            e @ AuthError::Unverifiable { .. } => Rejection::Unverifiable(e),
+        }
+    }
+}
 
 const API_TOKEN_MSG: &str =
     "This endpoint requires an API token. Please add an authorization header to your request with a valid token";
@@ -122,30 +130,49 @@ impl Rejection {
             | Rejection::NotOriginForm
             | Rejection::BadAuthorization(_)
             | Rejection::DuplicateHost
-            | Rejection::ConnectionNamesProtected(_) => StatusCode::BAD_REQUEST,
+            | Rejection::ConnectionNamesProtected(_)
+            | Rejection::MalformedBody => StatusCode::BAD_REQUEST,
             Rejection::NoToken(_) | Rejection::UnknownToken(_) | Rejection::Expired(_) => StatusCode::UNAUTHORIZED,
             Rejection::WrongScope => StatusCode::FORBIDDEN,
             Rejection::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Rejection::MalformedBody => StatusCode::BAD_REQUEST,
             Rejection::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            Rejection::UpstreamConnect(_) | Rejection::UpstreamFailed(_) => StatusCode::BAD_GATEWAY,
-            Rejection::UpstreamTimeout(_) | Rejection::UpstreamConnectTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Rejection::UpstreamSaturated(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::Upstream(e) => match e {
+                UpstreamError::Connect(_) | UpstreamError::Tls(_) | UpstreamError::Protocol(_) => {
+                    StatusCode::BAD_GATEWAY
+                }
+                UpstreamError::ConnectTimeout(_) | UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+                UpstreamError::Saturated(_) => StatusCode::SERVICE_UNAVAILABLE,
+            },
+            Rejection::Unverifiable(_) => StatusCode::BAD_GATEWAY,
             Rejection::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
+    /// Who caused it. Every variant is named: a new one must be classed here, not by a wildcard.
     pub fn blame(&self) -> Blame {
         match self {
-            Rejection::UpstreamConnect(_)
-            | Rejection::UpstreamConnectTimeout(_)
-            | Rejection::UpstreamTimeout(_)
-            | Rejection::UpstreamFailed(_)
-            | Rejection::UpstreamSaturated(Saturated { scope: Scope::Pool, .. }) => Blame::Upstream,
+            Rejection::BadPath(_)
+            | Rejection::NotOriginForm
+            | Rejection::BadAuthorization(_)
+            | Rejection::DuplicateHost
+            | Rejection::ConnectionNamesProtected(_)
+            | Rejection::MethodNotAllowed
+            | Rejection::MalformedBody
+            | Rejection::RateLimited(_)
+            | Rejection::BodyTooLarge(_)
+            | Rejection::BodyTimeout
+            | Rejection::NoToken(_)
+            | Rejection::UnknownToken(_)
+            | Rejection::Expired(_)
+            | Rejection::WrongScope => Blame::Downstream,
+            // Over its own share of the slots: the client's excess, not Unleash's trouble.
+            Rejection::Upstream(UpstreamError::Saturated(Saturated { scope, .. })) if *scope != Scope::Pool => {
+                Blame::Downstream
+            }
+            Rejection::Upstream(_) | Rejection::Unverifiable(_) => Blame::Upstream,
             Rejection::Internal(_) => Blame::Gateway,
-            _ => Blame::Downstream,
         }
     }
 
@@ -162,18 +189,12 @@ impl Rejection {
             | Rejection::MalformedBody => Decision::BadRequest,
             Rejection::NoToken(_) | Rejection::UnknownToken(_) | Rejection::Expired(_) => Decision::Unauthenticated,
             Rejection::WrongScope => Decision::Forbidden,
-            // Over its own share: the client's excess, not Unleash's trouble.
-            Rejection::RateLimited(_)
-            | Rejection::UpstreamSaturated(Saturated {
-                scope: Scope::Connection | Scope::Token | Scope::Anonymous,
-                ..
-            }) => Decision::RateLimited,
-            Rejection::UpstreamConnect(_)
-            | Rejection::UpstreamConnectTimeout(_)
-            | Rejection::UpstreamTimeout(_)
-            | Rejection::UpstreamFailed(_)
-            | Rejection::UpstreamSaturated(Saturated { scope: Scope::Pool, .. }) => Decision::UpstreamError,
-            Rejection::Internal(_) => Decision::UpstreamError,
+            Rejection::RateLimited(_) => Decision::RateLimited,
+            Rejection::Upstream(_) | Rejection::Unverifiable(_) => match self.blame() {
+                Blame::Downstream => Decision::RateLimited,
+                Blame::Upstream | Blame::Gateway => Decision::UpstreamError,
+            },
+            Rejection::Internal(_) => Decision::InternalError,
         }
     }
 
@@ -195,10 +216,14 @@ impl Rejection {
             Rejection::UnknownToken(_) => "unknown_token",
             Rejection::Expired(_) => "expired_token",
             Rejection::WrongScope => "wrong_token_type",
-            Rejection::UpstreamConnect(_) => "upstream_unreachable",
-            Rejection::UpstreamTimeout(_) | Rejection::UpstreamConnectTimeout(_) => "upstream_timeout",
-            Rejection::UpstreamFailed(_) => "upstream_failed",
-            Rejection::UpstreamSaturated(_) => "upstream_saturated",
+            Rejection::Upstream(e) => match e {
+                UpstreamError::Connect(_) => "upstream_unreachable",
+                UpstreamError::Tls(_) => "upstream_tls",
+                UpstreamError::ConnectTimeout(_) | UpstreamError::Timeout(_) => "upstream_timeout",
+                UpstreamError::Protocol(_) => "upstream_failed",
+                UpstreamError::Saturated(_) => "upstream_saturated",
+            },
+            Rejection::Unverifiable(_) => "upstream_unreachable",
             Rejection::Internal(_) => "internal",
         }
     }
@@ -221,16 +246,7 @@ impl Rejection {
                 json!({ "name": "UnauthorizedError", "message": BAD_TOKEN_MSG, "code": code })
             }
             Rejection::WrongScope => json!({ "message": WRONG_TYPE_MSG, "code": code }),
-            Rejection::UpstreamConnect(_) => {
-                json!({ "message": "The flag server could not be reached.", "code": code })
-            }
-            Rejection::UpstreamTimeout(_) | Rejection::UpstreamConnectTimeout(_) => {
-                json!({ "message": "The flag server did not answer in time.", "code": code })
-            }
-            Rejection::UpstreamFailed(_) => {
-                json!({ "message": "The flag server connection failed.", "code": code })
-            }
-            Rejection::UpstreamSaturated(Saturated { scope, max }) => {
+            Rejection::Upstream(UpstreamError::Saturated(Saturated { scope, max })) => {
                 let message = match scope {
                     Scope::Pool => "The flag server is busy; retry shortly.",
                     Scope::Connection => {
@@ -243,8 +259,29 @@ impl Rejection {
                 };
                 json!({ "message": message, "code": code, "limit": scope.as_str(), "max_inflight": max })
             }
+            Rejection::Upstream(UpstreamError::Connect(_)) | Rejection::Unverifiable(_) => {
+                json!({ "message": "The flag server could not be reached.", "code": code })
+            }
+            Rejection::Upstream(UpstreamError::Tls(_)) => {
+                json!({ "message": "The flag server's TLS connection failed.", "code": code })
+            }
+            Rejection::Upstream(UpstreamError::ConnectTimeout(_) | UpstreamError::Timeout(_)) => {
+                json!({ "message": "The flag server did not answer in time.", "code": code })
+            }
+            Rejection::Upstream(UpstreamError::Protocol(_)) => {
+                json!({ "message": "The flag server connection failed.", "code": code })
+            }
             Rejection::Internal(_) => json!({ "message": "Internal gateway error.", "code": code }),
-            _ => json!({ "message": self.to_string(), "code": code }),
+            Rejection::BadPath(_)
+            | Rejection::NotOriginForm
+            | Rejection::BadAuthorization(_)
+            | Rejection::DuplicateHost
+            | Rejection::ConnectionNamesProtected(_)
+            | Rejection::MethodNotAllowed
+            | Rejection::MalformedBody
+            | Rejection::RateLimited(_)
+            | Rejection::BodyTooLarge(_)
+            | Rejection::BodyTimeout => json!({ "message": self.to_string(), "code": code }),
         }
     }
 
@@ -253,7 +290,7 @@ impl Rejection {
         match self {
             Rejection::MethodNotAllowed => {
                 r.headers_mut()
-                    .insert(http::header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+                    .insert(http::header::ALLOW, crate::policy::ALLOW.clone());
             }
             Rejection::RateLimited(wait) => {
                 // RFC 9110 §10.2.3: whole seconds; round up so a client that obeys is let through.
@@ -261,7 +298,7 @@ impl Rejection {
                 r.headers_mut()
                     .insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }
-            Rejection::UpstreamSaturated(_) => {
+            Rejection::Upstream(UpstreamError::Saturated(_)) => {
                 r.headers_mut()
                     .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
@@ -269,18 +306,6 @@ impl Rejection {
         }
         r
     }
-}
-
-/// An error and its sources, outermost first.
-pub fn sources<'a>(
-    e: &'a (dyn std::error::Error + 'static),
-) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
-    std::iter::successors(Some(e), |e| e.source())
-}
-
-/// `outer: cause: root cause`, for log lines (client bodies never carry it).
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    sources(e).map(|s| s.to_string()).collect::<Vec<_>>().join(": ")
 }
 
 /// A small JSON response; `no-store` because denials must not be cached by anything in between.

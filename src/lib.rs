@@ -1,7 +1,7 @@
 //! flaggate: a token-checking reverse proxy in front of an Unleash feature-flag server.
 //!
 //! Start with [`proxy`] for the request's way through the gateway, [`policy`] for who may reach what,
-//! and [`token`] for the token model and store.
+//! [`token`] for the token model and store, and [`upstream`] for the one way to Unleash.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -9,6 +9,7 @@ pub mod app;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod io;
 pub mod path;
 pub mod policy;
 pub mod proxy;
@@ -16,4 +17,5 @@ pub mod ratelimit;
 pub mod telemetry;
 pub mod tls;
 pub mod token;
+pub mod upstream;
 pub mod watch;

@@ -6,7 +6,32 @@
 
 use crate::path::CanonicalPath;
 use crate::token::{TokenInfo, TokenKind};
-use std::sync::Arc;
+use http::Method;
+use std::sync::{Arc, LazyLock};
+
+/// The methods Unleash's API uses, the only ones forwarded, with their metric labels. `CONNECT` would
+/// turn the gateway into a tunnel and `TRACE` echoes headers (credentials included) back; neither, nor
+/// any extension method, is forwarded.
+pub const METHODS: [(Method, &str); 7] = [
+    (Method::GET, "GET"),
+    (Method::HEAD, "HEAD"),
+    (Method::POST, "POST"),
+    (Method::PUT, "PUT"),
+    (Method::PATCH, "PATCH"),
+    (Method::DELETE, "DELETE"),
+    (Method::OPTIONS, "OPTIONS"),
+];
+
+/// The method's name if the gateway forwards it.
+pub fn forwarded_method(m: &Method) -> Option<&'static str> {
+    METHODS.iter().find(|(method, _)| method == m).map(|(_, name)| *name)
+}
+
+/// The `Allow` header of a 405: [`METHODS`], as a list.
+pub static ALLOW: LazyLock<http::HeaderValue> = LazyLock::new(|| {
+    let list: Vec<&str> = METHODS.iter().map(|(_, name)| *name).collect();
+    http::HeaderValue::from_str(&list.join(", ")).unwrap_or_else(|_| http::HeaderValue::from_static("GET"))
+});
 
 /// A set of token kinds, as a bit set so the hot-path test is one AND.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

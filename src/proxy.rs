@@ -1,174 +1,47 @@
-//! The request's way through the gateway, in phases (each a small step with one job):
+//! The request's way through the gateway, in phases, each a function with one job and a contract:
 //!
-//! 1. **canonicalize** — origin-form target → [`CanonicalPath`] or 400;
-//! 2. **authenticate** — `Authorization` → digest → store entry (or none);
-//! 3. **authorize** — rule × method × entry → [`Verdict`]; denials end here and never reach upstream;
-//! 4. **prepare** — hop-by-hop and client copies of our headers removed, `X-Forwarded-*` set;
-//! 5. **forward** — pooled client, bodies streamed both ways, upstream failures → 502/504;
-//! 6. **record** — one access-log line and the metrics, for every request whatever its fate.
+//! 1. [`validate`] — head → [`Head`] (origin form, a forwarded method, [`CanonicalPath`], one `Host`,
+//!    a declared length within the limit, no `Connection` naming a protected field), or 400/405/413.
+//!    Everything refusable from the head alone is refused here, before any token work;
+//! 2. authenticate — `Authorization` → [`Credential`] ([`Authenticator`](crate::token::auth::Authenticator) owns the miss handling:
+//!    early sync, PAT check), or 400/502;
+//! 3. [`authorize`] — rule × credential → [`Grant`], then the token's rate limit: 401/403/429 end here
+//!    and never reach upstream;
+//! 4. [`prepare`] — hop-by-hop, Connection-listed and client copies of our headers out; `X-Forwarded-*`,
+//!    `Host` and the canonical target in;
+//! 5. [`forward`] — body read up to the buffer, an upstream slot, then [`Upstream`](crate::upstream::Upstream): bodies streamed
+//!    both ways, upstream failures → 502/503/504;
+//! 6. record — one access-log line and the metrics, for every request whatever its fate ([`Pending`]).
 
 pub mod body;
 pub mod conn;
-pub mod connector;
-pub mod forward;
 pub mod headers;
+pub mod metrics;
 pub mod record;
 pub mod server;
-pub mod slots;
+pub mod state;
 
-use crate::config::{Config, Upstream};
+pub use state::{ConnCtx, Gateway, Live};
+
 use crate::error::{Blame, Decision, Rejection};
-use crate::path::canonicalize;
-use crate::policy::{decide, Policy, Verdict};
-use crate::telemetry::{method_label, Metrics};
-use crate::token::extract::extract;
-use crate::token::pat::PatValidator;
-use crate::token::store::TokenStore;
-use crate::token::unleash::UnleashSync;
-use crate::token::{now_unix, Digest, Fingerprint, TokenInfo, TokenKind};
-use arc_swap::ArcSwap;
+use crate::path::{canonicalize, CanonicalPath, PathError};
+use crate::policy::{decide, forwarded_method, Rule, Verdict};
+use crate::token::auth::Credential;
+use crate::token::{now_unix, Digest, Fingerprint, TokenKind};
+use crate::upstream::{Owner, Slot};
 use bytes::Bytes;
-use forward::UpstreamClient;
 use http::header::HOST;
-use http::{Request, Response, Version};
+use http::request::Parts;
+use http::{HeaderValue, Request, Response, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use metrics::method_label;
 use record::LoggedBody;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
-
-const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
-
-/// Everything a request handler needs, shared by all connections.
-pub struct Gateway {
-    /// The reloadable part of the configuration, swapped whole on reload.
-    pub live: ArcSwap<Live>,
-    pub store: Arc<TokenStore>,
-    pub metrics: Arc<Metrics>,
-    client: UpstreamClient,
-    slots: Arc<slots::Slots>,
-    upstream: Upstream,
-    unleash: Option<UnleashMode>,
-    /// Route class of requests refused before routing (`none`), shared instead of allocated each time.
-    unrouted: Arc<str>,
-    /// `Host` for every forwarded request, made once instead of formatted per request by the client.
-    upstream_host: http::HeaderValue,
-}
-
-/// Settings a config reload may change without a restart. Connections read them when they start,
-/// requests when they arrive.
-pub struct Live {
-    pub policy: Policy,
-    pub body: body::BodyLimits,
-    pub upstream_timeout: Duration,
-    pub conn: server::ConnLimits,
-    pub limiter: Option<crate::ratelimit::RateLimiter>,
-    /// Each connection's and token's share of the upstream slots.
-    pub shares: slots::Shares,
-}
-
-impl Live {
-    pub fn from_config(cfg: &Config) -> Live {
-        Live {
-            policy: Policy::new(cfg.routes.clone()),
-            body: body::BodyLimits {
-                max: cfg.max_request_body,
-                buffer: cfg.request_body_buffer,
-                stall: cfg.header_read_timeout,
-                min_rate: cfg.min_request_body_rate,
-            },
-            upstream_timeout: cfg.upstream_timeout,
-            conn: server::ConnLimits::from_config(cfg),
-            limiter: (!cfg.rate_limits.is_empty()).then(|| crate::ratelimit::RateLimiter::new(cfg.rate_limits.clone())),
-            shares: slots::Shares {
-                per_connection: cfg.upstream_max_inflight_per_connection,
-                per_token: cfg.upstream_max_inflight_per_token(),
-            },
-        }
-    }
-}
-
-/// What a request knows about its connection.
-#[derive(Clone)]
-pub struct ConnCtx {
-    pub peer: SocketAddr,
-    /// `X-Forwarded-For` for this peer, made once per connection.
-    pub forwarded_for: http::HeaderValue,
-    pub proto: &'static str,
-    pub activity: Option<Arc<conn::Activity>>,
-    /// The upstream slots this connection holds, against its share.
-    pub share: slots::ConnShare,
-    /// Turns true at shutdown: open event streams are ended cleanly.
-    pub stop: Option<tokio::sync::watch::Receiver<bool>>,
-}
-
-/// What a store miss may still consult in Unleash-sync mode.
-pub struct UnleashMode {
-    pub sync: Arc<UnleashSync>,
-    pub pat: PatValidator,
-}
-
-impl UnleashMode {
-    /// A PAT is asked about (rate-capped, coalesced, negatively cached); any other unknown token may pull
-    /// the next token sync forward (debounced) and is then looked up once more.
-    async fn resolve_miss(
-        &self,
-        store: &TokenStore,
-        token: &str,
-        digest: Digest,
-    ) -> Result<Option<Arc<TokenInfo>>, Rejection> {
-        if token.starts_with("user:") {
-            // A PAT Unleash cannot be asked about is not "unknown": say the flag server is unreachable.
-            self.pat.check(token, digest).await.map_err(|_| {
-                Rejection::UpstreamConnect("personal access token could not be validated: Unleash unavailable".into())
-            })
-        } else {
-            self.sync.on_miss().await;
-            Ok(store.lookup(&digest))
-        }
-    }
-}
-
-impl Gateway {
-    pub fn upstream(&self) -> &Upstream {
-        &self.upstream
-    }
-
-    /// Applies a reloaded configuration's live part, and the upstream slots' new sizes.
-    pub fn apply(&self, cfg: &Config) {
-        let live = Live::from_config(cfg);
-        self.metrics.show_shares(live.shares);
-        self.live.store(Arc::new(live));
-        self.slots.resize(cfg.upstream_max_inflight);
-    }
-
-    pub fn new(
-        cfg: &Config,
-        store: Arc<TokenStore>,
-        metrics: Arc<Metrics>,
-        unleash: Option<UnleashMode>,
-    ) -> Result<Gateway, crate::tls::TlsError> {
-        let slots = slots::Slots::new(cfg.upstream_max_inflight, cfg.upstream_connect_timeout);
-        metrics.watch_upstream_slots(slots.clone());
-        let live = Live::from_config(cfg);
-        metrics.show_shares(live.shares);
-        Ok(Gateway {
-            client: forward::build_client(cfg, metrics.upstream_connections.clone())?,
-            slots,
-            unleash,
-            live: ArcSwap::from_pointee(live),
-            store,
-            metrics,
-            upstream: cfg.upstream.clone(),
-            unrouted: Arc::from("none"),
-            upstream_host: cfg.upstream.host_header(),
-        })
-    }
-}
 
 /// What the phases learn about a request, for the record phase.
 struct Outcome {
@@ -179,11 +52,8 @@ struct Outcome {
     upstream_time: Option<Duration>,
     path: Option<String>,
     /// The upstream slot this request holds, passed on to its response body.
-    slot: Option<slots::Slot>,
+    slot: Option<Slot>,
 }
-
-/// Bounded app-name label values: the first [`APP_LABEL_CAP`] names seen, then `other`.
-pub const APP_LABEL_CAP: usize = 100;
 
 /// A request between its head and its response: owns what the record phase needs, so that a request
 /// whose client leaves mid-way (hyper drops the service future) is still logged, counted and given back
@@ -288,7 +158,7 @@ pub async fn handle(
     }
     let h2 = req.version() == Version::HTTP_2;
     gw.metrics.inflight.inc();
-    let request_id = record::request_id(req.headers().get(REQUEST_ID));
+    let request_id = record::request_id(req.headers().get(headers::X_REQUEST_ID));
     let mut pending = Pending {
         gw: &gw,
         ctx: &ctx,
@@ -321,7 +191,7 @@ pub async fn handle(
             (r.map(Either::Right), rej.decision(), Some(rej))
         }
     };
-    resp.headers_mut().insert(REQUEST_ID, request_id);
+    resp.headers_mut().insert(headers::X_REQUEST_ID, request_id);
 
     // 6. record: metrics now, the log line when the body is done.
     let rec = pending.close(resp.status(), decision, rejection.as_ref());
@@ -346,41 +216,67 @@ async fn run_phases(
     gw: &Gateway,
     req: Request<Incoming>,
     ctx: &ConnCtx,
-    request_id: http::HeaderValue,
+    request_id: HeaderValue,
     out: &mut Outcome,
 ) -> Result<Response<ProxyBody>, Rejection> {
     let (mut parts, body) = req.into_parts();
     let uri = std::mem::take(&mut parts.uri);
     let live = gw.live.load();
 
-    // 1. validate: everything that can be refused from the request head alone, before any token work.
+    let head = validate(&parts, &uri, &live, ctx)?;
+    out.path = Some(head.path.as_str().to_owned());
+    out.route_class = head.rule.name.clone();
+    out.browser_route = head.rule.preflight;
+
+    let credential = gw.auth.authenticate(&parts.headers).await.map_err(|e| {
+        if let crate::token::auth::AuthError::Unverifiable { token, .. } = &e {
+            out.token = Some((*token, None));
+        }
+        Rejection::from(e)
+    })?;
+    out.token = credential
+        .as_ref()
+        .map(|c| (c.digest.fingerprint(), c.info.as_ref().map(|i| i.kind)));
+
+    let grant = authorize(gw, &head, &parts, credential.as_ref())?;
+    prepare(gw, &mut parts, &head, &grant, uri.query(), ctx, request_id)?;
+    let (limits, timeout) = (live.body, live.upstream_timeout);
+    drop(live);
+    forward(gw, parts, body, &grant, limits, timeout, ctx, out).await
+}
+
+/// What phase 1 established about a request from its head alone.
+struct Head<'a> {
+    path: CanonicalPath<'a>,
+    rule: &'a Rule,
+    /// The client's `Host` (or `:authority`), for `X-Forwarded-Host`.
+    host: Option<HeaderValue>,
+}
+
+/// Phase 1. Contract: returns only for an origin-form request with a forwarded method, a canonical
+/// path, at most one `Host`, a declared length within the limit and no `Connection` naming a field we
+/// authorize or frame by; touches no token and no I/O.
+fn validate<'a>(parts: &Parts, uri: &'a Uri, live: &'a Live, ctx: &ConnCtx) -> Result<Head<'a>, Rejection> {
     // A raw `#` in an HTTP/1 target: the URI parser dropped it with the rest of the target, only the
-    // connection's reader saw it.
-    if ctx.activity.as_ref().is_some_and(|a| a.take_fragment()) && parts.version < Version::HTTP_2 {
-        return Err(Rejection::BadPath(crate::path::PathError::Fragment));
+    // connection's reader saw it (asked for every request, so that no mark outlives its request).
+    let fragment = ctx.activity.as_ref().is_some_and(|a| a.take_fragment());
+    if fragment && parts.version < Version::HTTP_2 {
+        return Err(Rejection::BadPath(PathError::Fragment));
     }
     // HTTP/2 always carries scheme and authority; HTTP/1 only in absolute-form, which names a host the
     // client wants and is refused rather than silently re-targeted.
     if parts.version < Version::HTTP_2 && (uri.scheme().is_some() || uri.authority().is_some()) {
         return Err(Rejection::NotOriginForm);
     }
-    use http::Method;
-    if !matches!(
-        parts.method,
-        Method::GET | Method::HEAD | Method::POST | Method::PUT | Method::PATCH | Method::DELETE | Method::OPTIONS
-    ) {
+    if forwarded_method(&parts.method).is_none() {
         return Err(Rejection::MethodNotAllowed);
     }
     let path = canonicalize(uri.path()).map_err(Rejection::BadPath)?;
-    out.path = Some(path.as_str().to_owned());
-    let rule = live.policy.route(&path);
-    out.route_class = rule.name.clone();
-    out.browser_route = rule.preflight;
     let mut hosts = parts.headers.get_all(HOST).iter();
-    let host = hosts.next().cloned().or_else(|| {
-        uri.authority()
-            .and_then(|a| http::HeaderValue::from_str(a.as_str()).ok())
-    });
+    let host = hosts
+        .next()
+        .cloned()
+        .or_else(|| uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     if hosts.next().is_some() {
         return Err(Rejection::DuplicateHost);
     }
@@ -389,94 +285,125 @@ async fn run_phases(
     }
     // A declared length over the limit is refused before anything is read or sent; an undeclared one
     // is cut when it crosses the limit.
-    let limits = live.body;
+    let max = live.body.max;
     let declared = parts
         .headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limits.max) {
-        return Err(Rejection::BodyTooLarge(limits.max));
+    if declared.is_some_and(|n| n > max) {
+        return Err(Rejection::BodyTooLarge(max));
     }
+    let rule = live.policy.route(&path);
+    Ok(Head { path, rule, host })
+}
 
-    // 2. authenticate
-    let token = extract(&parts.headers).map_err(Rejection::BadAuthorization)?;
-    let presented = token.is_some();
-    let mut entry = None;
-    let mut digest = None;
-    if let Some(t) = token {
-        let digest = *digest.insert(Digest::of(t));
-        entry = gw.store.lookup(&digest);
-        let result = if entry.is_some() { "hit" } else { "miss" };
-        gw.metrics.token_cache_lookups.with_label_values(&[result]).inc();
-        if let (None, Some(unleash)) = (&entry, &gw.unleash) {
-            out.token = Some((digest.fingerprint(), None));
-            entry = unleash.resolve_miss(&gw.store, t, digest).await?;
-        }
-        out.token = Some((digest.fingerprint(), entry.as_ref().map(|e| e.kind)));
-    }
+/// Who the request goes to Unleash as.
+enum Grant {
+    /// A known token the route admits (its digest: the key of its share of the upstream slots).
+    Token(Digest),
+    /// A token-less CORS preflight: forwarded bare, counted with the other anonymous requests.
+    Preflight,
+}
 
-    // 3. authorize
+/// Phase 3. Contract: returns only when the route admits this credential (or this is a real CORS
+/// preflight on a route that takes them) and the token is within its rate limit.
+fn authorize(
+    gw: &Gateway,
+    head: &Head<'_>,
+    parts: &Parts,
+    credential: Option<&Credential>,
+) -> Result<Grant, Rejection> {
     let cors_preflight = headers::is_cors_preflight(&parts.method, &parts.headers);
-    let verdict = decide(rule, cors_preflight, presented, entry.as_deref(), now_unix());
-    if let Some(rej) = Rejection::from_verdict(verdict, rule.denial) {
+    let info = credential.and_then(|c| c.info.as_deref());
+    let verdict = decide(head.rule, cors_preflight, credential.is_some(), info, now_unix());
+    if let Some(rej) = Rejection::from_verdict(verdict, head.rule.denial) {
         return Err(rej);
     }
-    debug_assert!(matches!(verdict, Verdict::Allow | Verdict::Preflight));
-    if let (Some(limiter), Some(info), Some(d)) = (&live.limiter, &entry, &digest) {
-        limiter.check(d, info).map_err(Rejection::RateLimited)?;
+    match (verdict, credential, info) {
+        (Verdict::Preflight, _, _) => Ok(Grant::Preflight),
+        (Verdict::Allow, Some(c), Some(info)) => {
+            gw.limiter.check(&c.digest, info).map_err(Rejection::RateLimited)?;
+            Ok(Grant::Token(c.digest))
+        }
+        // `decide` allows only a known token; anything else here is a bug, refused rather than forwarded.
+        _ => Err(Rejection::Internal(format!("authorized without a token: {verdict:?}"))),
     }
-    let anonymous = verdict == Verdict::Preflight;
+}
 
-    // 4. prepare
+/// Phase 4. Contract: the request carries no hop-by-hop field, nothing the client named in
+/// `Connection`, no client copy of a header we set, override or forwarding claim; our `X-Forwarded-*`,
+/// `Host` and request id; and the canonical path (plus the untouched query) as its target.
+fn prepare(
+    gw: &Gateway,
+    parts: &mut Parts,
+    head: &Head<'_>,
+    grant: &Grant,
+    query: Option<&str>,
+    ctx: &ConnCtx,
+    request_id: HeaderValue,
+) -> Result<(), Rejection> {
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::strip_gateway_set(&mut parts.headers);
     headers::strip_consumed(&mut parts.headers);
-    if anonymous {
+    if matches!(grant, Grant::Preflight) {
         headers::strip_for_preflight(&mut parts.headers);
     }
-    parts.headers.insert(HOST, gw.upstream_host.clone());
-    headers::set_forwarded(&mut parts.headers, ctx.forwarded_for.clone(), ctx.proto, host);
-    parts.headers.insert(REQUEST_ID, request_id);
-    parts.uri = forward::upstream_uri(&gw.upstream, &path, uri.query())?;
+    parts.headers.insert(HOST, gw.upstream.host().clone());
+    headers::set_forwarded(
+        &mut parts.headers,
+        ctx.forwarded_for.clone(),
+        ctx.proto,
+        head.host.clone(),
+    );
+    parts.headers.insert(headers::X_REQUEST_ID, request_id);
+    parts.uri = gw
+        .upstream
+        .uri(head.path.as_str(), query)
+        .map_err(|e| Rejection::Internal(format!("forward URI: {e}")))?;
     parts.version = Version::HTTP_11;
+    Ok(())
+}
 
-    // 5. forward. The body (up to the buffer) is read before a slot is taken: a slow client costs its
-    // own connection, never one of Unleash's slots. A preflight goes without one.
+/// Phase 5. Contract: the body (up to the buffer) is read before a slot is taken, so a slow client
+/// costs its own connection and never one of Unleash's slots; a preflight goes without one. Records
+/// the slot and the upstream time in `out` as it goes.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    gw: &Gateway,
+    parts: Parts,
+    body: Incoming,
+    grant: &Grant,
+    limits: body::BodyLimits,
+    timeout: Duration,
+    ctx: &ConnCtx,
+    out: &mut Outcome,
+) -> Result<Response<ProxyBody>, Rejection> {
     let fault = body::FaultCell::default();
-    let body = if anonymous {
-        body::UpstreamBody::Empty
-    } else {
-        body::read_head(body, limits, fault.clone())
+    let body = match grant {
+        Grant::Preflight => crate::upstream::Body::Empty,
+        Grant::Token(_) => body::read_head(body, limits, fault.clone())
             .await
-            .map_err(|f| forward::body_rejection(f, limits.max))?
+            .map_err(|f| f.rejection(limits.max))?,
     };
-    let upstream_timeout = live.upstream_timeout;
-    let shares = live.shares;
-    drop(live);
-    let sent = Instant::now();
-    // Queueing for a slot counts as upstream time: it is Unleash's pace that makes requests wait.
-    let owner = slots::Owner {
+    let owner = Owner {
         connection: &ctx.share,
-        token: if anonymous { None } else { digest.as_ref().map(|d| &d.0) },
+        token: match grant {
+            Grant::Token(d) => Some(&d.0),
+            Grant::Preflight => None,
+        },
     };
-    let slot = gw.slots.take_for(owner, shares).await;
+    // Queueing for a slot counts as upstream time: it is Unleash's pace that makes requests wait.
+    let sent = Instant::now();
+    let slot = gw.upstream.slot(owner).await;
     out.upstream_time = Some(sent.elapsed());
-    let slot = slot.map_err(|s| {
-        gw.metrics
-            .upstream_slot_refusals
-            .with_label_values(&[s.scope.as_str()])
-            .inc();
-        Rejection::UpstreamSaturated(s)
-    })?;
-    let detachable = !matches!(body, body::UpstreamBody::Streaming { .. });
-    let req = Request::from_parts(parts, body);
-    let (result, slot) = forward::exchange(&gw.client, req, slot, upstream_timeout, detachable).await;
+    let (result, slot) = gw.upstream.send(Request::from_parts(parts, body), slot?, timeout).await;
     out.upstream_time = Some(sent.elapsed());
     out.slot = slot;
-    let resp = result.map_err(|e| match e {
-        forward::Failed::Timeout => Rejection::UpstreamTimeout(upstream_timeout),
-        forward::Failed::Client(e) => forward::classify(e, limits.max, fault.get()),
+    // The client's own body broke the exchange: its fault, not the upstream's.
+    let resp = result.map_err(|e| match fault.get() {
+        Some(f) => f.rejection(limits.max),
+        None => Rejection::Upstream(e),
     })?;
     let (mut rparts, rbody) = resp.into_parts();
     headers::strip_hop_by_hop(&mut rparts.headers);

@@ -64,14 +64,16 @@ struct Bucket {
 }
 
 pub struct RateLimiter {
-    limits: RateLimits,
+    /// Swapped on reload; the buckets stay, so a reload does not refill every token's bucket (a bucket
+    /// whose rate changed starts over under the new one).
+    limits: arc_swap::ArcSwap<RateLimits>,
     buckets: moka::sync::Cache<Digest, Arc<Mutex<Bucket>>>,
 }
 
 impl RateLimiter {
     pub fn new(limits: RateLimits) -> RateLimiter {
         RateLimiter {
-            limits,
+            limits: arc_swap::ArcSwap::from_pointee(limits),
             buckets: moka::sync::Cache::builder()
                 .max_capacity(MAX_BUCKETS)
                 .time_to_idle(Duration::from_secs(600))
@@ -79,9 +81,18 @@ impl RateLimiter {
         }
     }
 
+    /// New limits (config reload).
+    pub fn set_limits(&self, limits: RateLimits) {
+        self.limits.store(Arc::new(limits));
+    }
+
     /// `Ok` to proceed, or `Err(retry_after)` — the wait until one request's worth has refilled.
     pub fn check(&self, digest: &Digest, info: &TokenInfo) -> Result<(), Duration> {
-        let Some(rate) = self.limits.rate_for(info) else {
+        let limits = self.limits.load();
+        if limits.is_empty() {
+            return Ok(());
+        }
+        let Some(rate) = limits.rate_for(info) else {
             return Ok(());
         };
         let bucket = self.buckets.get_with(*digest, || {

@@ -1,6 +1,6 @@
 //! TLS termination (rustls): TLS 1.2+ only, ALPN h2 and http/1.1, optional client-certificate
 //! verification, and the certificate pair re-read from disk when it changes — a bad new pair keeps the
-//! old one serving and says why. Also the client side for `https://` upstreams.
+//! old one serving and says why. The PEM readers here serve the upstream side too (`upstream::tls`).
 
 use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
@@ -24,7 +24,7 @@ pub enum TlsError {
     Config(String),
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -99,11 +99,9 @@ impl Acceptor {
         })
     }
 
+    /// The handshake, with the config current now. Its time limit is the caller's (the header timeout).
     pub async fn accept(&self, stream: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
-        let acceptor = self.current.load_full();
-        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+        self.current.load_full().accept(stream).await
     }
 
     /// Re-reads the files; on error the current config stays.
@@ -151,34 +149,4 @@ fn fingerprint(files: &TlsFiles) -> Vec<Option<Vec<u8>>> {
         .into_iter()
         .map(|p| p.and_then(|p| std::fs::read(p).ok()))
         .collect()
-}
-
-/// Client config for an `https://` upstream: platform roots plus `extra_ca`, optional client identity.
-pub fn upstream_client_config(
-    extra_ca: Option<&Path>,
-    identity: Option<(&Path, &Path)>,
-) -> Result<rustls::ClientConfig, TlsError> {
-    let mut roots = RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for c in native.certs {
-        let _ = roots.add(c);
-    }
-    if let Some(ca) = extra_ca {
-        for c in read_certs(ca)? {
-            roots.add(c).map_err(|e| TlsError::File {
-                path: ca.to_owned(),
-                reason: format!("not a usable CA certificate: {e}"),
-            })?;
-        }
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_root_certificates(roots);
-    match identity {
-        Some((cert, key)) => builder
-            .with_client_auth_cert(read_certs(cert)?, read_key(key)?)
-            .map_err(|e| TlsError::Config(e.to_string())),
-        None => Ok(builder.with_no_client_auth()),
-    }
 }

@@ -5,8 +5,10 @@
 //! database; the `project:env.` prefix is only a label. So [`parse`] is for humans (`token explain`) and
 //! hints, never for authorization: only a store entry found by [`Digest`] authorizes anything.
 
+pub mod auth;
 pub mod extract;
 pub mod file;
+pub mod metrics;
 pub mod pat;
 pub mod snapshot;
 pub mod store;

@@ -220,7 +220,7 @@ impl Settings {
             &self.upstream,
             &file.upstream,
             Some(DEFAULT_UPSTREAM),
-            Upstream::parse,
+            UpstreamUrl::parse,
         )?);
         warnings.extend(upstream.warning);
         let upstream_token = match (&self.upstream_token, &file.upstream_token) {

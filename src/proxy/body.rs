@@ -14,7 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::upstream::{self, BoxError};
 
 /// How the client's body ended, if it failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +24,18 @@ pub enum BodyFault {
     /// No body bytes for the stall limit: a slow-body client (which would otherwise hold an upstream
     /// connection until the upstream timeout, and be counted as the upstream's failure).
     Stalled,
+}
+
+impl BodyFault {
+    /// The client's fault, as an answer: too large (413), malformed (400), too slow (408).
+    pub fn rejection(self, limit: u64) -> crate::error::Rejection {
+        use crate::error::Rejection;
+        match self {
+            BodyFault::TooLarge => Rejection::BodyTooLarge(limit),
+            BodyFault::Malformed => Rejection::MalformedBody,
+            BodyFault::Stalled => Rejection::BodyTimeout,
+        }
+    }
 }
 
 #[derive(Clone, Default)]
@@ -67,24 +79,11 @@ pub struct BodyLimits {
     pub min_rate: u64,
 }
 
-/// The request body as it goes upstream.
-pub enum UpstreamBody {
-    /// No body at all, as on almost every request: nothing to read, no timer.
-    Empty,
-    /// The whole body, read before the upstream slot was taken (and any trailers after it).
-    Buffered {
-        data: Option<Bytes>,
-        trailers: Option<http::HeaderMap>,
-    },
-    /// A body longer than the buffer: what was read, then the rest as it arrives.
-    Streaming { head: Option<Bytes>, rest: DownstreamBody },
-}
-
 /// Reads a request body up to `limits.buffer` bytes, within `limits.stall`. Errors are the client's:
 /// too large (413), malformed (400), too slow (408).
-pub async fn read_head(body: Incoming, limits: BodyLimits, fault: FaultCell) -> Result<UpstreamBody, BodyFault> {
+pub async fn read_head(body: Incoming, limits: BodyLimits, fault: FaultCell) -> Result<upstream::Body, BodyFault> {
     if body.is_end_stream() {
-        return Ok(UpstreamBody::Empty);
+        return Ok(upstream::Body::Empty);
     }
     let started = Instant::now();
     let deadline = started + limits.stall;
@@ -119,11 +118,14 @@ pub async fn read_head(body: Incoming, limits: BodyLimits, fault: FaultCell) -> 
         if held >= limits.buffer {
             let head = first.take().unwrap_or_else(|| read.split().freeze());
             let rest = DownstreamBody::resume(body, limits, fault, started, held as u64);
-            return Ok(UpstreamBody::Streaming { head: Some(head), rest });
+            return Ok(upstream::Body::Streaming {
+                head: Some(head),
+                rest: Box::pin(rest),
+            });
         }
     }
     let data = first.or_else(|| (!read.is_empty()).then(|| read.freeze()));
-    Ok(UpstreamBody::Buffered { data, trailers })
+    Ok(upstream::Body::Full { data, trailers })
 }
 
 fn fault_of(e: &BoxError) -> BodyFault {
@@ -131,52 +133,6 @@ fn fault_of(e: &BoxError) -> BodyFault {
         BodyFault::TooLarge
     } else {
         BodyFault::Malformed
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            UpstreamBody::Empty => Poll::Ready(None),
-            UpstreamBody::Buffered { data, trailers } => Poll::Ready(
-                data.take()
-                    .map(Frame::data)
-                    .or_else(|| trailers.take().map(Frame::trailers))
-                    .map(Ok),
-            ),
-            UpstreamBody::Streaming { head, rest } => match head.take() {
-                Some(h) => Poll::Ready(Some(Ok(Frame::data(h)))),
-                None => Pin::new(rest).poll_frame(cx),
-            },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Empty => true,
-            UpstreamBody::Buffered { data, trailers } => data.is_none() && trailers.is_none(),
-            UpstreamBody::Streaming { head, rest } => head.is_none() && rest.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Empty => SizeHint::with_exact(0),
-            UpstreamBody::Buffered { data, .. } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-            UpstreamBody::Streaming { head, rest } => {
-                let h = head.as_ref().map_or(0, |d| d.len() as u64);
-                let r = rest.size_hint();
-                let mut hint = SizeHint::new();
-                hint.set_lower(r.lower() + h);
-                if let Some(u) = r.upper() {
-                    hint.set_upper(u + h);
-                }
-                hint
-            }
-        }
     }
 }
 

@@ -7,12 +7,10 @@
 //! no flow-control window while the socket stays writable, to a chunk of a response the client has not
 //! taken (see [`StreamClock`]).
 
-use std::pin::Pin;
+use crate::io::Sensor;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 const IDLE: u64 = 0;
 const READING_HEAD: u64 = 1;
@@ -247,20 +245,34 @@ impl Activity {
     }
 }
 
-/// The client socket, reporting reads to its [`Activity`] (wrapped in `TokioIo` for hyper).
-pub struct Watched<T> {
-    pub io: T,
-    pub activity: std::sync::Arc<Activity>,
-    pub line: LineScan,
+/// What the client socket tells its [`Activity`]: reads (and a raw `#` in a request line), and writes
+/// that find the client's window full.
+pub struct Watch {
+    activity: Arc<Activity>,
+    line: LineScan,
 }
 
-impl<T> Watched<T> {
-    pub fn new(io: T, activity: std::sync::Arc<Activity>) -> Watched<T> {
-        Watched {
-            io,
+impl Watch {
+    pub fn new(activity: Arc<Activity>) -> Watch {
+        Watch {
             activity,
             line: LineScan::default(),
         }
+    }
+}
+
+impl Sensor for Watch {
+    fn read(&mut self, bytes: &[u8]) {
+        if self.activity.on_read() {
+            self.line.start();
+        }
+        if self.line.state != Line::Off && self.line.scan(bytes) {
+            self.activity.fragment.store(true, Ordering::Release);
+        }
+    }
+
+    fn write(&mut self, blocked: bool) {
+        self.activity.on_write(blocked);
     }
 }
 
@@ -321,49 +333,6 @@ impl LineScan {
             }
         }
         false
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let this = &mut *self;
-        let res = Pin::new(&mut this.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            if this.activity.on_read() {
-                this.line.start();
-            }
-            if this.line.state != Line::Off && this.line.scan(&buf.filled()[before..]) {
-                this.activity.fragment.store(true, Ordering::Release);
-            }
-        }
-        res
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.activity.on_write(r.is_pending());
-        r
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.activity.on_write(r.is_pending());
-        r
     }
 }
 

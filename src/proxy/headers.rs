@@ -20,6 +20,9 @@ pub const HOP_BY_HOP: [HeaderName; 9] = [
     HeaderName::from_static("http2-settings"),
 ];
 
+/// The request id: honoured from the client when well-formed, else made; sent upstream and returned.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
 /// Headers the gateway sets itself: every client copy is removed before ours are added (RFC 7239 §8.2,
 /// forwarding headers must not be trusted from an untrusted hop).
 pub static GATEWAY_SET: [HeaderName; 6] = [
@@ -28,7 +31,7 @@ pub static GATEWAY_SET: [HeaderName; 6] = [
     HeaderName::from_static("x-forwarded-proto"),
     HeaderName::from_static("x-forwarded-host"),
     HeaderName::from_static("x-real-ip"),
-    HeaderName::from_static("x-request-id"),
+    X_REQUEST_ID,
 ];
 
 /// Path-override headers some frameworks honour (IIS `X-Original-URL`/`X-Rewrite-URL`, nginx-style

@@ -69,7 +69,7 @@ pub struct LoggedBody {
     /// HTTP/2 only: what is left of a frame longer than [`STREAM_CHUNK`], handed out a chunk at a time.
     rest: Bytes,
     /// The upstream slot, given back as soon as the body ends.
-    slot: Option<super::slots::Slot>,
+    slot: Option<crate::upstream::Slot>,
     /// Event streams only: resolves at shutdown, when the stream is ended cleanly.
     stop: Option<Pin<Box<dyn Future<Output = ()> + Send + Sync>>>,
     /// Event streams only: a stream on which nothing arrives for this long is ended (clients reconnect).
@@ -88,7 +88,7 @@ impl LoggedBody {
         record: Record,
         activity: Option<Arc<Activity>>,
         clock: Option<Arc<StreamClock>>,
-        slot: Option<super::slots::Slot>,
+        slot: Option<crate::upstream::Slot>,
         stream: Option<StreamGuards>,
     ) -> LoggedBody {
         let (stop, idle) = match stream {

@@ -1,9 +1,10 @@
 //! Accept loops: the proxy listener (HTTP/1.1 and h2c auto-detected, or TLS with ALPN), one watchdog
 //! per connection for header-read and idle timeouts, a cap on open connections, and the drain on stop.
 
-use super::conn::{Activity, Expiry, Watched};
+use super::conn::{Activity, Expiry, Watch};
 use super::{handle, ConnCtx, Gateway};
 use crate::config::Config;
+use crate::io::SensorIo;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -174,7 +175,7 @@ async fn serve_conn<S>(
     // Why the watchdog closed a connection, for on-call: slow clients and abusive ones look alike in logs.
     let closed = gw.metrics.connections_closed.clone();
     let svc = service_fn(move |req| handle(gw.clone(), req, ctx.clone()));
-    let io = TokioIo::new(Watched::new(stream, activity.clone()));
+    let io = TokioIo::new(SensorIo::new(stream, Watch::new(activity.clone())));
     let builder = conn_builder(&limits);
     let conn = builder.serve_connection(io, svc);
     tokio::pin!(conn);

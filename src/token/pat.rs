@@ -2,14 +2,11 @@
 //! (`GET /api/admin/user` with the PAT), but never more than the configured rate, never twice at once
 //! for the same PAT, and never again soon for one Unleash already refused.
 
-use super::unleash::{admin_uri, ControlClient};
+use super::metrics::TokenMetrics;
 use super::{Digest, TokenInfo, TokenKind, TokenSource};
-use crate::config::Upstream;
-use crate::telemetry::Metrics;
-use bytes::Bytes;
+use crate::upstream::{Upstream, UpstreamError};
 use http::header::{ACCEPT, AUTHORIZATION};
-use http::{HeaderValue, Request, StatusCode, Uri};
-use http_body_util::Empty;
+use http::{HeaderMap, HeaderValue, StatusCode};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,38 +20,35 @@ pub struct PatLimits {
     pub rate_per_sec: u32,
 }
 
-/// Unleash could not be asked about a PAT (down, timing out, answering 5xx).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Unavailable;
+/// Unleash could not be asked about a PAT: down, timing out (the cause), or answering 5xx (`None`).
+#[derive(Debug, thiserror::Error)]
+#[error("personal access token could not be validated: Unleash unavailable")]
+pub struct Unavailable(#[source] pub Option<Arc<UpstreamError>>);
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum Miss {
     Invalid,
     RateLimited,
-    Upstream,
+    Upstream(Option<Arc<UpstreamError>>),
 }
 
+/// Where Unleash answers who a PAT belongs to.
+const WHO_AM_I: &str = "/api/admin/user";
+
 pub struct PatValidator {
-    client: ControlClient,
-    user_uri: Uri,
+    upstream: Arc<Upstream>,
     positive: moka::future::Cache<Digest, Arc<TokenInfo>>,
     negative: moka::sync::Cache<Digest, ()>,
     bucket: Mutex<(f64, Instant)>,
     rate: f64,
-    metrics: Arc<Metrics>,
+    metrics: TokenMetrics,
 }
 
 impl PatValidator {
-    pub fn new(
-        client: ControlClient,
-        upstream: &Upstream,
-        limits: PatLimits,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, String> {
+    pub fn new(upstream: Arc<Upstream>, limits: PatLimits, metrics: TokenMetrics) -> PatValidator {
         let rate = f64::from(limits.rate_per_sec.max(1));
-        Ok(PatValidator {
-            client,
-            user_uri: admin_uri(upstream, "/api/admin/user")?,
+        PatValidator {
+            upstream,
             positive: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(limits.positive_ttl)
@@ -66,7 +60,7 @@ impl PatValidator {
             bucket: Mutex::new((rate, Instant::now())),
             rate,
             metrics,
-        })
+        }
     }
 
     /// The store entry for a PAT, asking Unleash if needed. `Ok(None)` means "deny as unknown";
@@ -83,14 +77,14 @@ impl PatValidator {
         let result = self.positive.try_get_with(digest, self.validate(token, digest)).await;
         match result {
             Ok(info) => Ok(Some(info)),
-            Err(e) => match *e {
+            Err(e) => match &*e {
                 Miss::Invalid => {
                     self.negative.insert(digest, ());
                     Ok(None)
                 }
                 // Over the check budget: treated as unknown, so a flood of junk PATs stays a 401.
                 Miss::RateLimited => Ok(None),
-                Miss::Upstream => Err(Unavailable),
+                Miss::Upstream(cause) => Err(Unavailable(cause.clone())),
             },
         }
     }
@@ -119,16 +113,14 @@ impl PatValidator {
         }
         let mut value = HeaderValue::from_str(token).map_err(|_| Miss::Invalid)?;
         value.set_sensitive(true);
-        let mut req = Request::get(self.user_uri.clone())
-            .header(ACCEPT, "application/json")
-            .body(Empty::<Bytes>::new())
-            .map_err(|_| Miss::Upstream)?;
-        req.headers_mut().insert(AUTHORIZATION, value);
-        let resp = match tokio::time::timeout(Duration::from_secs(10), self.client.request(req)).await {
-            Ok(Ok(r)) => r,
-            _ => {
+        let mut headers = HeaderMap::with_capacity(2);
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        headers.insert(AUTHORIZATION, value);
+        let resp = match self.upstream.get(WHO_AM_I, headers, Duration::from_secs(10)).await {
+            Ok(r) => r,
+            Err(e) => {
                 self.count("error");
-                return Err(Miss::Upstream);
+                return Err(Miss::Upstream(Some(Arc::new(e))));
             }
         };
         match resp.status() {
@@ -150,7 +142,7 @@ impl PatValidator {
             }
             _ => {
                 self.count("error");
-                Err(Miss::Upstream)
+                Err(Miss::Upstream(None))
             }
         }
     }

@@ -5,24 +5,20 @@
 //! a sync forward — at most once a second across all requests — so a token created a moment ago works on
 //! its first request while a flood of junk tokens costs Unleash almost nothing.
 
+use super::metrics::TokenMetrics;
 use super::store::{TokenSet, TokenStore};
 use super::{snapshot, Digest, TokenInfo, TokenKind, TokenSource};
-use crate::config::{Secret, Upstream};
-use crate::telemetry::Metrics;
-use bytes::Bytes;
+use crate::config::Secret;
+use crate::upstream::{Upstream, UpstreamError};
 use http::header::{ACCEPT, AUTHORIZATION, ETAG, IF_NONE_MATCH};
-use http::{HeaderValue, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
-
-pub type ControlClient = Client<HttpConnector, Empty<Bytes>>;
 
 /// Largest token list we accept (about a million tokens); anything bigger is an error, not an OOM.
 pub const MAX_TOKEN_LIST_BYTES: usize = 512 * 1024 * 1024;
@@ -154,13 +150,15 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Where the token list lives in Unleash's admin API.
+const TOKEN_LIST: &str = "/api/admin/api-tokens";
+
 pub struct UnleashSync {
-    client: ControlClient,
-    list_uri: Uri,
+    upstream: Arc<Upstream>,
     token: HeaderValue,
     interval: Duration,
     store: Arc<TokenStore>,
-    metrics: Arc<Metrics>,
+    metrics: TokenMetrics,
     state_dir: Option<PathBuf>,
     pub status: Arc<SyncStatus>,
     etag: Mutex<Option<HeaderValue>>,
@@ -171,36 +169,20 @@ pub struct UnleashSync {
     started: Instant,
 }
 
-pub fn control_client(connect_timeout: Duration) -> ControlClient {
-    let mut c = HttpConnector::new();
-    c.set_connect_timeout(Some(connect_timeout));
-    c.set_nodelay(true);
-    Client::builder(hyper_util::rt::TokioExecutor::new())
-        .pool_max_idle_per_host(4)
-        .build(c)
-}
-
-pub fn admin_uri(up: &Upstream, path: &str) -> Result<Uri, String> {
-    format!("{up}{path}").parse().map_err(|e| format!("{e}"))
-}
-
 impl UnleashSync {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        client: ControlClient,
-        upstream: &Upstream,
+        upstream: Arc<Upstream>,
         token: &Secret,
         interval: Duration,
         store: Arc<TokenStore>,
-        metrics: Arc<Metrics>,
+        metrics: TokenMetrics,
         state_dir: Option<PathBuf>,
     ) -> Result<UnleashSync, String> {
         let mut token =
             HeaderValue::from_str(token.expose()).map_err(|_| "upstream token is not visible ASCII".to_string())?;
         token.set_sensitive(true);
         Ok(UnleashSync {
-            client,
-            list_uri: admin_uri(upstream, "/api/admin/api-tokens")?,
+            upstream,
             token,
             interval,
             store,
@@ -245,18 +227,17 @@ impl UnleashSync {
 
     /// One fetch-and-apply. Never touches the store on failure.
     pub async fn sync_once(&self) -> Result<&'static str, SyncError> {
-        let mut req = Request::get(self.list_uri.clone())
-            .header(ACCEPT, "application/json")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| SyncError::Garbage(e.to_string()))?;
-        req.headers_mut().insert(AUTHORIZATION, self.token.clone());
+        let mut headers = HeaderMap::with_capacity(3);
+        headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+        headers.insert(AUTHORIZATION, self.token.clone());
         if let Some(etag) = self.etag.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            req.headers_mut().insert(IF_NONE_MATCH, etag);
+            headers.insert(IF_NONE_MATCH, etag);
         }
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.client.request(req))
-            .await
-            .map_err(|_| SyncError::Timeout)?
-            .map_err(|e| SyncError::Unreachable(crate::error::error_chain(&e)))?;
+        let resp = match self.upstream.get(TOKEN_LIST, headers, REQUEST_TIMEOUT).await {
+            Ok(resp) => resp,
+            Err(UpstreamError::Timeout(_)) => return Err(SyncError::Timeout),
+            Err(e) => return Err(SyncError::Unreachable(e.detail())),
+        };
         match resp.status() {
             StatusCode::NOT_MODIFIED => return Ok("unchanged"),
             StatusCode::OK => {}
@@ -321,15 +302,13 @@ impl UnleashSync {
             self.in_flight.store(true, Ordering::Release);
             let result = self.sync_once().await;
             self.in_flight.store(false, Ordering::Release);
-            self.metrics
-                .token_sync_duration
-                .observe(started.elapsed().as_secs_f64());
+            self.metrics.sync_duration.observe(started.elapsed().as_secs_f64());
             let delay = match result {
                 Ok(label) => {
                     let now = now_ms();
                     self.status.last_success_ms.store(now, Ordering::Release);
-                    self.metrics.token_sync_last_success.set(now as f64 / 1000.0);
-                    self.metrics.token_sync.with_label_values(&[label]).inc();
+                    self.metrics.sync_last_success.set(now as f64 / 1000.0);
+                    self.metrics.sync.with_label_values(&[label]).inc();
                     if failing.take().is_some() {
                         tracing::info!("token sync recovered");
                     }
@@ -342,7 +321,7 @@ impl UnleashSync {
                     } else {
                         "error"
                     };
-                    self.metrics.token_sync.with_label_values(&[label]).inc();
+                    self.metrics.sync.with_label_values(&[label]).inc();
                     if failing != Some(e.kind()) {
                         failing = Some(e.kind());
                         if matches!(e, SyncError::Rejected(_)) {
@@ -373,7 +352,7 @@ impl UnleashSync {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = wake => {}
-                _ = crate::proxy::server::stopped(&mut stop) => break,
+                _ = stop.wait_for(|s| *s) => break,
             }
         }
     }

@@ -25,10 +25,13 @@ pub struct Slots {
     max: AtomicUsize,
     /// How long a request may queue for a slot: as long as it may wait to connect.
     wait: Duration,
+    /// The per-owner shares ([`Shares`]); a config reload may change them.
+    per_connection: AtomicU32,
+    per_token: AtomicU32,
     /// Slots held per token, by the token digest's first two bytes. A digest is SHA-256 of a secret,
     /// so two live tokens share a counter (and so a share) with probability 1/65,536; in exchange the
     /// count needs no map, no lock and no allocation per request.
-    per_token: Arc<[AtomicU32]>,
+    token_counts: Arc<[AtomicU32]>,
     /// Slots held by anonymous requests (CORS preflights) together.
     anonymous: Arc<AtomicU32>,
 }
@@ -85,7 +88,7 @@ pub struct Owner<'a> {
     pub token: Option<&'a [u8; 32]>,
 }
 
-/// The per-owner shares in force (reloadable with the rest of the live settings).
+/// The per-owner shares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Shares {
     pub per_connection: u32,
@@ -151,14 +154,16 @@ fn claim(counter: &AtomicU32, cap: u32) -> bool {
 }
 
 impl Slots {
-    pub fn new(max: usize, wait: Duration) -> Arc<Slots> {
+    pub fn new(max: usize, shares: Shares, wait: Duration) -> Arc<Slots> {
         Arc::new(Slots {
             taken: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             freed: Notify::new(),
             max: AtomicUsize::new(max.max(1)),
             wait,
-            per_token: (0..TOKEN_COUNTERS).map(|_| AtomicU32::new(0)).collect(),
+            per_connection: AtomicU32::new(shares.per_connection),
+            per_token: AtomicU32::new(shares.per_token),
+            token_counts: (0..TOKEN_COUNTERS).map(|_| AtomicU32::new(0)).collect(),
             anonymous: Arc::new(AtomicU32::new(0)),
         })
     }
@@ -185,7 +190,8 @@ impl Slots {
 
     /// A slot for a client's request: first its owner's shares (refused at once when full), then a place
     /// in the pool (queued for the wait when full).
-    pub async fn take_for(self: &Arc<Self>, owner: Owner<'_>, shares: Shares) -> Result<Slot, Saturated> {
+    pub async fn take_for(self: &Arc<Self>, owner: Owner<'_>) -> Result<Slot, Saturated> {
+        let shares = self.shares();
         if !claim(&owner.connection.0, shares.per_connection) {
             return Err(Saturated {
                 scope: Scope::Connection,
@@ -196,7 +202,7 @@ impl Slots {
         let (held, scope) = match owner.token {
             Some(digest) => (
                 Held::Token(
-                    self.per_token.clone(),
+                    self.token_counts.clone(),
                     usize::from(u16::from_be_bytes([digest[0], digest[1]])),
                 ),
                 Scope::Token,
@@ -253,9 +259,19 @@ impl Slots {
         }
     }
 
-    /// A new cap (config reload). Raising it wakes every queued request to retry; lowering it lets the
-    /// requests above the new cap finish, and takes effect as they end.
-    pub fn resize(&self, max: usize) {
+    /// The per-owner shares in force.
+    pub fn shares(&self) -> Shares {
+        Shares {
+            per_connection: self.per_connection.load(SeqCst),
+            per_token: self.per_token.load(SeqCst),
+        }
+    }
+
+    /// New sizes (config reload). Raising the cap wakes every queued request to retry; lowering it lets
+    /// the requests above the new cap finish, and takes effect as they end. Shares apply to new requests.
+    pub fn resize(&self, max: usize, shares: Shares) {
+        self.per_connection.store(shares.per_connection, SeqCst);
+        self.per_token.store(shares.per_token, SeqCst);
         let old = self.max.swap(max.max(1), SeqCst);
         if max > old && self.waiting.load(SeqCst) > 0 {
             self.freed.notify_waiters();
@@ -285,11 +301,16 @@ impl Drop for OwnedClaim {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const WIDE: Shares = Shares {
+        per_connection: 1000,
+        per_token: 1000,
+    };
     use std::time::Instant;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn never_more_than_the_cap_are_taken_however_many_contend() {
-        let slots = Slots::new(3, Duration::from_secs(10));
+        let slots = Slots::new(3, WIDE, Duration::from_secs(10));
         let peak = Arc::new(AtomicUsize::new(0));
         let now = Arc::new(AtomicUsize::new(0));
         let tasks: Vec<_> = (0..64)
@@ -329,7 +350,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_queued_request_gets_the_next_slot_given_back_or_gives_up_at_the_wait() {
-        let slots = Slots::new(1, Duration::from_secs(5));
+        let slots = Slots::new(1, WIDE, Duration::from_secs(5));
         let held = slots.take().await.unwrap();
         let queued = queue_behind(&slots).await;
         assert!(!queued.is_finished());
@@ -342,7 +363,7 @@ mod tests {
             "woken by the release, not the timeout"
         );
 
-        let short = Slots::new(1, Duration::from_millis(100));
+        let short = Slots::new(1, WIDE, Duration::from_millis(100));
         let _held = short.take().await.unwrap();
         let started = Instant::now();
         assert_eq!(
@@ -363,37 +384,37 @@ mod tests {
 
     #[tokio::test]
     async fn a_raised_cap_lets_queued_requests_in_at_once_and_a_lowered_one_holds_new_ones_back() {
-        let slots = Slots::new(1, Duration::from_secs(5));
+        let slots = Slots::new(1, WIDE, Duration::from_secs(5));
         let held = slots.take().await.unwrap();
         let queued = queue_behind(&slots).await;
         let started = Instant::now();
-        slots.resize(2);
+        slots.resize(2, WIDE);
         assert!(queued.await.unwrap());
         assert!(started.elapsed() < Duration::from_secs(1), "woken by the resize");
 
-        slots.resize(1);
-        let short = Slots::new(2, Duration::from_millis(100));
+        slots.resize(1, WIDE);
+        let short = Slots::new(2, WIDE, Duration::from_millis(100));
         let _a = short.take().await.unwrap();
-        short.resize(1);
+        short.resize(1, WIDE);
         assert!(short.take().await.is_err(), "the lowered cap applies to new requests");
         drop(held);
     }
 
     #[tokio::test]
     async fn owner_shares_are_claimed_with_the_slot_and_given_back_however_it_ends() {
-        let slots = Slots::new(2, Duration::from_millis(50));
         let shares = Shares {
             per_connection: 2,
             per_token: 1,
         };
+        let slots = Slots::new(2, shares, Duration::from_millis(50));
         let conn = ConnShare::default();
         let (a, b) = ([1u8; 32], [2u8; 32]);
         let owner = |t| Owner {
             connection: &conn,
             token: t,
         };
-        let first = slots.take_for(owner(Some(&a)), shares).await.unwrap();
-        let refused = slots.take_for(owner(Some(&a)), shares).await.err();
+        let first = slots.take_for(owner(Some(&a))).await.unwrap();
+        let refused = slots.take_for(owner(Some(&a))).await.err();
         assert_eq!(
             refused,
             Some(Saturated {
@@ -402,9 +423,9 @@ mod tests {
             })
         );
         assert_eq!(conn.held(), 1, "a refusal gives its connection claim back");
-        let anon = slots.take_for(owner(None), shares).await.unwrap();
+        let anon = slots.take_for(owner(None)).await.unwrap();
         assert_eq!(
-            slots.take_for(owner(Some(&b)), shares).await.err(),
+            slots.take_for(owner(Some(&b))).await.err(),
             Some(Saturated {
                 scope: Scope::Connection,
                 max: 2
@@ -412,13 +433,10 @@ mod tests {
         );
         let other_conn = ConnShare::default();
         let queued = slots
-            .take_for(
-                Owner {
-                    connection: &other_conn,
-                    token: Some(&b),
-                },
-                shares,
-            )
+            .take_for(Owner {
+                connection: &other_conn,
+                token: Some(&b),
+            })
             .await
             .err();
         assert_eq!(
@@ -432,7 +450,7 @@ mod tests {
         assert_eq!(other_conn.held(), 0, "a failed wait gives the owner's claims back");
         drop((first, anon));
         assert_eq!(conn.held(), 0);
-        let again = slots.take_for(owner(Some(&a)), shares).await;
+        let again = slots.take_for(owner(Some(&a))).await;
         assert!(again.is_ok(), "the token's share came back with its slot");
     }
 }

@@ -1,7 +1,7 @@
 //! The upstream connector: hyper-util's `HttpConnector`, with every connection it opens counted in
 //! `flaggate_upstream_connections` until it closes, so ops can see the pool.
 
-use hyper::rt::{Read, ReadBufCursor, Write};
+use crate::io::{Sensor, SensorIo};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use prometheus::IntGauge;
@@ -22,17 +22,18 @@ impl CountingConnector {
     }
 }
 
-/// A connection that decrements the gauge when hyper drops it.
-pub struct Counted {
-    io: TokioIo<TcpStream>,
-    gauge: IntGauge,
-}
+/// Counts one open connection; decrements the gauge when hyper drops the connection.
+pub struct Open(IntGauge);
 
-impl Drop for Counted {
+impl Sensor for Open {}
+
+impl Drop for Open {
     fn drop(&mut self) {
-        self.gauge.dec();
+        self.0.dec();
     }
 }
+
+pub type Counted = TokioIo<SensorIo<TcpStream, Open>>;
 
 impl tower_service::Service<http::Uri> for CountingConnector {
     type Response = Counted;
@@ -47,45 +48,17 @@ impl tower_service::Service<http::Uri> for CountingConnector {
         let fut = self.inner.call(uri);
         let gauge = self.gauge.clone();
         Box::pin(async move {
-            let io = fut.await?;
+            let tcp = fut.await?.into_inner();
             gauge.inc();
-            Ok(Counted { io, gauge })
+            Ok(TokioIo::new(SensorIo::new(tcp, Open(gauge))))
         })
     }
 }
 
-impl Connection for Counted {
+impl Connection for SensorIo<TcpStream, Open> {
     /// Plain: the `HttpInfo` extra that `HttpConnector` attaches would be copied into every response's
     /// extensions (a box and a map per response), and nothing here reads it.
     fn connected(&self) -> Connected {
-        Connected::new().proxy(self.io.connected().is_proxied())
-    }
-}
-
-impl Read for Counted {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl Write for Counted {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        Connected::new().proxy(self.get_ref().connected().is_proxied())
     }
 }

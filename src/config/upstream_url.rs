@@ -5,7 +5,7 @@ use http::{HeaderValue, Uri};
 use std::fmt;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Upstream {
+pub struct UpstreamUrl {
     pub scheme: Scheme,
     pub authority: Authority,
     /// Path Unleash is mounted under (`""` or e.g. `/unleash`), never ending in `/`.
@@ -13,13 +13,13 @@ pub struct Upstream {
 }
 
 /// Outcome of parsing: the URL plus a warning worth logging.
-pub struct ParsedUpstream {
-    pub upstream: Upstream,
+pub struct ParsedUpstreamUrl {
+    pub upstream: UpstreamUrl,
     pub warning: Option<String>,
 }
 
-impl Upstream {
-    pub fn parse(s: &str) -> Result<ParsedUpstream, String> {
+impl UpstreamUrl {
+    pub fn parse(s: &str) -> Result<ParsedUpstreamUrl, String> {
         let uri: Uri = s.parse().map_err(|e| format!("`{s}` is not a URL ({e})"))?;
         let scheme = uri
             .scheme()
@@ -51,8 +51,8 @@ impl Upstream {
         {
             return Err(format!("`{s}`: base path `{base_path}` is not canonical"));
         }
-        Ok(ParsedUpstream {
-            upstream: Upstream {
+        Ok(ParsedUpstreamUrl {
+            upstream: UpstreamUrl {
                 scheme,
                 authority,
                 base_path,
@@ -75,7 +75,7 @@ impl Upstream {
     }
 }
 
-impl fmt::Display for Upstream {
+impl fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}://{}{}", self.scheme, self.authority, self.base_path)
     }
@@ -95,17 +95,17 @@ mod tests {
             ("https://flags.example.com:80", "flags.example.com:80"),
             ("http://[::1]:8080", "[::1]:8080"),
         ] {
-            let up = Upstream::parse(url).unwrap().upstream;
+            let up = UpstreamUrl::parse(url).unwrap().upstream;
             assert_eq!(up.host_header(), host, "{url}");
         }
     }
 
     #[test]
     fn api_suffix_is_accepted_with_a_warning() {
-        let p = Upstream::parse("http://127.0.0.1:4242/api/").unwrap();
+        let p = UpstreamUrl::parse("http://127.0.0.1:4242/api/").unwrap();
         assert_eq!(p.upstream.to_string(), "http://127.0.0.1:4242");
         assert!(p.warning.unwrap().contains("/api"));
-        let p = Upstream::parse("http://unleash:4242/unleash").unwrap();
+        let p = UpstreamUrl::parse("http://unleash:4242/unleash").unwrap();
         assert_eq!(p.upstream.base_path, "/unleash");
         assert!(p.warning.is_none());
     }
@@ -119,7 +119,7 @@ mod tests {
             "http://x/?a=1",
             "not a url",
         ] {
-            assert!(Upstream::parse(bad).is_err(), "{bad}");
+            assert!(UpstreamUrl::parse(bad).is_err(), "{bad}");
         }
     }
 }

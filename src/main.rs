@@ -175,14 +175,21 @@ fn health(args: HealthArgs) -> anyhow::Result<()> {
     }
     let path = if args.live { "/health" } else { "/ready" };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // One request on one connection to our own admin port: hyper's connection-level client, not the
+    // pooled one (which belongs to the upstream room, for Unleash).
     let status = rt.block_on(async {
-        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http::<http_body_util::Empty<bytes::Bytes>>();
-        let uri: http::Uri = format!("http://{addr}{path}").parse()?;
-        let resp = tokio::time::timeout(std::time::Duration::from_secs(3), client.get(uri))
+        let probe = async {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+            tokio::spawn(conn);
+            let req = http::Request::get(path)
+                .header(http::header::HOST, addr.to_string())
+                .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+            anyhow::Ok(send.send_request(req).await?.status())
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(3), probe)
             .await
-            .map_err(|_| anyhow::anyhow!("{addr}{path}: no answer within 3 s"))??;
-        anyhow::Ok(resp.status())
+            .map_err(|_| anyhow::anyhow!("{addr}{path}: no answer within 3 s"))?
     })?;
     if status.is_success() {
         println!("{path}: {status}");

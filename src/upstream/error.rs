@@ -29,12 +29,7 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// Sorts a client error by what went wrong, looking through its causes.
     pub fn classify(err: hyper_util::client::legacy::Error) -> UpstreamError {
-        let is_tls = sources(&err).any(|s| {
-            s.downcast_ref::<rustls::Error>().is_some()
-                || s.downcast_ref::<std::io::Error>()
-                    .and_then(|io| io.get_ref())
-                    .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
-        });
+        let is_tls = sources(&err).any(is_rustls);
         let timed_out = sources(&err).any(|s| {
             s.downcast_ref::<std::io::Error>()
                 .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
@@ -55,6 +50,18 @@ impl UpstreamError {
     /// `what: cause: root cause`, for log lines (client bodies never carry it).
     pub fn detail(&self) -> String {
         chain(self)
+    }
+}
+
+/// Whether `e` is a rustls error, also when wrapped in `io::Error`s (whose `source()` skips the error
+/// they wrap, so only `get_ref` finds it: tokio-rustls and hyper-rustls each wrap once).
+fn is_rustls(e: &(dyn std::error::Error + 'static)) -> bool {
+    if e.downcast_ref::<rustls::Error>().is_some() {
+        return true;
+    }
+    match e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+        Some(inner) => is_rustls(inner),
+        None => false,
     }
 }
 

@@ -74,9 +74,18 @@ impl MockUnleash {
 }
 
 pub async fn mock_unleash() -> MockUnleash {
+    mock_unleash_on(upstream()).await
+}
+
+/// The same mock Unleash, served over HTTPS with this config (`support::tls::server_config`).
+pub async fn mock_unleash_tls(config: rustls::ServerConfig) -> MockUnleash {
+    mock_unleash_on(upstream().tls(config)).await
+}
+
+async fn mock_unleash_on(builder: super::upstream::Builder) -> MockUnleash {
     let state = Arc::new(UnleashState::default());
     let (s1, s2) = (state.clone(), state.clone());
-    let up = upstream()
+    let up = builder
         .route("/api/admin/api-tokens", move |r| {
             if r.header("authorization") != Some(SYNC_TOKEN) {
                 return json(

@@ -41,12 +41,14 @@ impl Recorded {
 pub struct Builder {
     routes: Vec<(String, Handler)>,
     delays: Vec<(String, std::time::Duration)>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 pub fn upstream() -> Builder {
     Builder {
         routes: Vec::new(),
         delays: Vec::new(),
+        tls: None,
     }
 }
 
@@ -54,6 +56,12 @@ impl Builder {
     /// Answers requests whose path equals `path` (or any path for `"*"`); first match wins.
     pub fn route(mut self, path: &str, f: impl Fn(&Recorded) -> Response<MockBody> + Send + Sync + 'static) -> Self {
         self.routes.push((path.to_string(), Arc::new(f)));
+        self
+    }
+
+    /// Serves HTTPS with this config (see `support::tls::server_config`); `url()` becomes `https://`.
+    pub fn tls(mut self, config: rustls::ServerConfig) -> Self {
+        self.tls = Some(Arc::new(config));
         self
     }
 
@@ -72,6 +80,8 @@ impl Builder {
         let delays = Arc::new(self.delays);
         let s = seen.clone();
         let accepted = connections.clone();
+        let tls = self.tls.clone().map(tokio_rustls::TlsAcceptor::from);
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -81,6 +91,7 @@ impl Builder {
                 let seen = s.clone();
                 let routes = routes.clone();
                 let delays = delays.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let seen = seen.clone();
@@ -112,14 +123,24 @@ impl Builder {
                             Ok::<_, Infallible>(resp)
                         }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    match tls {
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                        }
+                        // A failed handshake (an untrusted client, no client certificate) just ends here.
+                        Some(acceptor) => {
+                            if let Ok(tls_stream) = acceptor.accept(stream).await {
+                                let _ = builder.serve_connection(TokioIo::new(tls_stream), svc).await;
+                            }
+                        }
+                    }
                 });
             }
         });
         MockUpstream {
             addr,
+            scheme,
             seen,
             connections,
             task,
@@ -129,6 +150,7 @@ impl Builder {
 
 pub struct MockUpstream {
     pub addr: SocketAddr,
+    scheme: &'static str,
     seen: Arc<Mutex<Vec<Recorded>>>,
     connections: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
@@ -136,7 +158,7 @@ pub struct MockUpstream {
 
 impl MockUpstream {
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
     /// Everything received so far.
     pub fn seen(&self) -> Vec<Recorded> {

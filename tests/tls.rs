@@ -139,12 +139,13 @@ async fn https_upstream_is_verified_against_the_configured_ca() {
         (200, r#"{"from":"tls-upstream"}"#)
     );
 
-    // Without the CA the upstream's certificate is unknown: 502, and nothing reached the mock.
+    // Without the CA the upstream's certificate is unknown: 502 upstream_tls (an operator's problem to
+    // fix in the configuration, told apart from an Unleash that is down), and nothing reached the mock.
     let before = mock.count();
     let strict = gateway().upstream(url).token(CLIENT, "client").start().await;
     let r = get(strict.addr, "/api/client/features", Some(CLIENT)).await;
     assert_eq!(r.status, 502);
-    assert_eq!(r.json()["code"], "upstream_unreachable");
+    assert_eq!(r.json()["code"], "upstream_tls");
     assert_eq!(mock.count(), before);
 }
 

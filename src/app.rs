@@ -318,30 +318,11 @@ impl Reloader {
                 }
             }
         }
-        let restart_only = [
-            ("listen", new.listen != self.current.listen),
-            ("admin_listen", new.admin_listen != self.current.admin_listen),
-            ("upstream", new.upstream != self.current.upstream),
-            ("upstream_token", new.upstream_token != self.current.upstream_token),
-            ("sync_interval", new.sync_interval != self.current.sync_interval),
-            ("state_dir", new.state_dir != self.current.state_dir),
-            ("tls", new.tls != self.current.tls),
-            ("upstream_ca", new.upstream_ca != self.current.upstream_ca),
-            (
-                "upstream_connect_timeout",
-                new.upstream_connect_timeout != self.current.upstream_connect_timeout,
-            ),
-            ("max_connections", new.max_connections != self.current.max_connections),
-            ("shutdown_grace", new.shutdown_grace != self.current.shutdown_grace),
-            ("log_format", new.log_format != self.current.log_format),
-        ];
-        for (key, changed) in restart_only {
-            if changed {
-                tracing::warn!(
-                    key,
-                    "setting changed in the config but needs a restart to apply; keeping the running value"
-                );
-            }
+        for key in self.current.restart_only_changes(&new) {
+            tracing::warn!(
+                key,
+                "setting changed in the config but needs a restart to apply; keeping the running value"
+            );
         }
         crate::telemetry::set_log_level(new.log_level.as_deref());
         self.gateway.apply(&new);

@@ -3,9 +3,11 @@
 //! where the value came from, the key, and the reason, before any socket is opened.
 
 mod settings;
+mod table;
 mod upstream_url;
 
 pub use settings::Settings;
+pub use table::{default_of, Apply, Meta, SETTINGS};
 pub use upstream_url::UpstreamUrl;
 
 use crate::policy::{DenialStyle, Rule};
@@ -113,92 +115,8 @@ pub struct Config {
     pub pat_negative_ttl: Duration,
     pub rate_limits: crate::ratelimit::RateLimits,
     pub routes: Vec<Rule>,
-}
-
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:4243";
-pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9243";
-pub const DEFAULT_UPSTREAM: &str = "http://127.0.0.1:4242";
-
-/// The TOML file's shape. Unknown keys are errors: a misspelt key silently ignored is a setting lost.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct FileSettings {
-    #[serde(default, deserialize_with = "scalar")]
-    pub listen: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub admin_listen: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub upstream: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub token_file: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub upstream_token: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub sync_interval: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub state_dir: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub log_format: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub log_level: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub upstream_connect_timeout: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub upstream_timeout: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub header_read_timeout: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub idle_timeout: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub max_connections: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub upstream_max_inflight: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub upstream_max_inflight_per_connection: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub upstream_max_inflight_per_token: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub max_header_bytes: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub max_request_body: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub request_body_buffer: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub min_request_body_rate: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub h2_max_streams: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub shutdown_grace: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub tls_cert: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub tls_key: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub tls_client_ca: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub upstream_ca: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub upstream_client_cert: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub upstream_client_key: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub pat_rate_limit: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub pat_negative_cache_size: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub pat_negative_ttl: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub rate_limit_client: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub rate_limit_frontend: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub rate_limit_admin: Option<String>,
-    #[serde(default, deserialize_with = "scalar")]
-    pub rate_limit_pat: Option<String>,
-    #[serde(default)]
-    pub rate_limit_tokens: Vec<FileTokenRate>,
-    #[serde(default)]
-    pub routes: Vec<FileRule>,
+    /// Each setting as `check-config` shows it (secrets redacted), by key: what a reload compares.
+    pub shown: std::collections::BTreeMap<&'static str, String>,
 }
 
 /// `[[rate_limit_tokens]]`: a limit for one named token (the `name` in the token file or Unleash's
@@ -223,7 +141,7 @@ pub(crate) struct FileRule {
 
 /// TOML values may be written as strings or bare numbers/booleans (`max_connections = 10000`); all are
 /// read as text and parsed by the key's own parser, so every origin reports errors the same way.
-fn scalar<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+pub(crate) fn scalar<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Scalar {
@@ -240,9 +158,30 @@ fn scalar<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::E
     }))
 }
 
+/// `IP:port`, `host:port` (resolved once, now) or `:port` (every interface), as people write them.
 pub(crate) fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    s.parse()
-        .map_err(|_| format!("`{s}` is not an IP:port socket address (e.g. 0.0.0.0:4243)"))
+    let t = s.trim();
+    if let Ok(addr) = t.parse() {
+        return Ok(addr);
+    }
+    let bad = || format!("`{s}` is not a socket address like 0.0.0.0:4243, localhost:4243 or :4243");
+    if let Some(port) = t.strip_prefix(':') {
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    let (host, port) = t.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if host.is_empty() || !host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+        return Err(bad());
+    }
+    use std::net::ToSocketAddrs;
+    let mut addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("`{s}`: cannot resolve {host}: {e}"))?
+        .collect();
+    // Prefer IPv4, as a listener on `localhost` usually means 127.0.0.1.
+    addrs.sort_by_key(|a| !a.is_ipv4());
+    addrs.into_iter().next().ok_or_else(|| format!("`{s}`: {host} resolves to no address"))
 }
 
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -260,25 +199,35 @@ pub(crate) fn parse_count<T: std::str::FromStr + PartialOrd + Default>(s: &str) 
     }
 }
 
-/// Sizes: a plain byte count or a number with KiB/MiB/GiB (or KB/MB/GB, also powers of two).
+/// Sizes as people write them: a byte count, or a number (fractions allowed) with an IEC unit
+/// (`KiB`, `MiB`, `GiB`, or nginx's `k`, `m`, `g`: powers of 1024) or an SI unit (`KB`, `MB`, `GB`:
+/// powers of 1000). Anything else is refused with the list of what is accepted.
 pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
+    let n: f64 = num
         .parse()
-        .map_err(|_| format!("`{s}` is not a size like 65536, 16KiB, 10MiB"))?;
-    let mult = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(format!("`{s}`: unknown unit (use KiB, MiB or GiB)")),
+        .map_err(|_| format!("`{s}` is not a size like 65536, 16KiB, 10MiB, 1.5MB"))?;
+    let mult: f64 = match unit.trim() {
+        "" | "b" | "B" => 1.0,
+        "k" | "K" | "KiB" | "kib" => 1024.0,
+        "m" | "M" | "MiB" | "mib" => 1024.0 * 1024.0,
+        "g" | "G" | "GiB" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "KB" | "kB" | "kb" => 1e3,
+        "MB" | "mb" => 1e6,
+        "GB" | "gb" => 1e9,
+        other => {
+            return Err(format!(
+                "`{s}`: unknown unit `{other}` (use B, KiB/MiB/GiB or k/m/g for powers of 1024, KB/MB/GB for powers of 1000)"
+            ))
+        }
     };
-    match n.checked_mul(mult) {
-        Some(v) if v > 0 => Ok(v),
-        _ => Err(format!("`{s}` must be a positive size")),
+    let bytes = (n * mult).round();
+    if !(1.0..1e18).contains(&bytes) {
+        return Err(format!("`{s}` must be a positive size"));
     }
+    Ok(bytes as u64)
 }
 
 pub fn parse_log_format(s: &str) -> Result<LogFormat, String> {
@@ -289,7 +238,7 @@ pub fn parse_log_format(s: &str) -> Result<LogFormat, String> {
     }
 }
 
-pub(crate) fn parse_rule(file: &Path, index: usize, r: FileRule) -> Result<Rule, ConfigError> {
+pub(crate) fn parse_rule(file: &Path, index: usize, r: &FileRule) -> Result<Rule, ConfigError> {
     let origin = format!("config file {}", file.display());
     let key = |k: &str| format!("routes[{index}].{k}");
     if r.name.is_empty()
@@ -325,7 +274,15 @@ pub(crate) fn parse_rule(file: &Path, index: usize, r: FileRule) -> Result<Rule,
         })?);
     }
     let denial = match r.denial.as_deref() {
-        None if r.prefix.starts_with("/api/client") || r.prefix.starts_with("/api/frontend") => DenialStyle::ApiToken,
+        // Unleash's API-token routes, by whole segment (`/api/clientx` is not one of them).
+        None if crate::path::canonicalize(&r.prefix).is_ok_and(|p| {
+            ["/api/client", "/api/frontend", "/api/proxy"]
+                .iter()
+                .any(|api| p.starts_with_segments(api))
+        }) =>
+        {
+            DenialStyle::ApiToken
+        }
         None | Some("session") => DenialStyle::Session,
         Some("api-token") => DenialStyle::ApiToken,
         Some(other) => {
@@ -339,20 +296,6 @@ pub(crate) fn parse_rule(file: &Path, index: usize, r: FileRule) -> Result<Rule,
     Ok(Rule::new(&r.name, &r.prefix, &kinds, r.preflight, denial))
 }
 
-/// `16KiB`, `10MiB`, or a plain byte count: as the settings are written.
-fn bytes(n: u64) -> String {
-    match n {
-        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}MiB", n >> 20),
-        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}KiB", n >> 10),
-        n => n.to_string(),
-    }
-}
-
-/// `RATE:BURST` per second, as the settings are written.
-fn rate_text(r: &crate::ratelimit::Rate) -> String {
-    format!("{}:{}", r.per_second, r.burst)
-}
-
 impl Config {
     /// One token's (and all anonymous requests') share of the upstream slots: as set, else a quarter of
     /// the pool, so that at least four owners must collude to take it all.
@@ -361,116 +304,44 @@ impl Config {
             .unwrap_or_else(|| u32::try_from(self.upstream_max_inflight / 4).unwrap_or(u32::MAX).max(1))
     }
 
-    /// Human-readable effective configuration with secrets redacted, for `check-config`.
+    /// Human-readable effective configuration with secrets redacted, for `check-config`: every setting
+    /// of the table in its order, then the named-token limits and the route rules.
     pub fn render(&self) -> String {
-        let opt = |p: &Option<PathBuf>| p.as_ref().map_or("(none)".to_string(), |p| p.display().to_string());
         let mut out = String::new();
-        let mut line = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
-        line("config", opt(&self.config_file));
-        line("listen", self.listen.to_string());
-        line("admin_listen", self.admin_listen.to_string());
-        line("upstream", self.upstream.to_string());
-        line("token_file", opt(&self.token_file));
-        line(
-            "upstream_token",
-            self.upstream_token.as_ref().map_or("(none)".into(), |s| s.to_string()),
-        );
-        line(
-            "sync_interval",
-            humantime::format_duration(self.sync_interval).to_string(),
-        );
-        line("state_dir", opt(&self.state_dir));
-        line("log_format", format!("{:?}", self.log_format).to_lowercase());
-        line(
-            "upstream_connect_timeout",
-            humantime::format_duration(self.upstream_connect_timeout).to_string(),
-        );
-        line(
-            "upstream_timeout",
-            humantime::format_duration(self.upstream_timeout).to_string(),
-        );
-        line(
-            "header_read_timeout",
-            humantime::format_duration(self.header_read_timeout).to_string(),
-        );
-        line(
-            "log_level",
-            self.log_level.clone().unwrap_or_else(|| "(RUST_LOG, else info)".into()),
-        );
-        line(
-            "idle_timeout",
-            humantime::format_duration(self.idle_timeout).to_string(),
-        );
-        line("max_connections", self.max_connections.to_string());
-        line("upstream_max_inflight", self.upstream_max_inflight.to_string());
-        line(
-            "upstream_max_inflight_per_connection",
-            self.upstream_max_inflight_per_connection.to_string(),
-        );
-        line(
-            "upstream_max_inflight_per_token",
-            match self.upstream_max_inflight_per_token {
-                Some(n) => n.to_string(),
-                None => format!(
-                    "{} (a quarter of upstream_max_inflight)",
-                    self.upstream_max_inflight_per_token()
-                ),
-            },
-        );
-        line("max_header_bytes", bytes(self.max_header_bytes as u64));
-        line("max_request_body", bytes(self.max_request_body));
-        line("request_body_buffer", bytes(self.request_body_buffer as u64));
-        line(
-            "min_request_body_rate",
-            match self.min_request_body_rate {
-                0 => "off".into(),
-                n => format!("{}/s", bytes(n)),
-            },
-        );
-        line("h2_max_streams", self.h2_max_streams.to_string());
-        line(
-            "shutdown_grace",
-            humantime::format_duration(self.shutdown_grace).to_string(),
-        );
-        let tls = self.tls.as_ref();
-        line("tls_cert", opt(&tls.map(|t| t.cert.clone())));
-        line("tls_key", opt(&tls.map(|t| t.key.clone())));
-        line("tls_client_ca", opt(&tls.and_then(|t| t.client_ca.clone())));
-        line("upstream_ca", opt(&self.upstream_ca));
-        line("upstream_client_cert", opt(&self.upstream_client_cert));
-        line("upstream_client_key", opt(&self.upstream_client_key));
-        line("pat_rate_limit", format!("{}/s", self.pat_rate_limit));
-        line("pat_negative_cache_size", self.pat_negative_cache_size.to_string());
-        line(
-            "pat_negative_ttl",
-            humantime::format_duration(self.pat_negative_ttl).to_string(),
-        );
-        for kind in [TokenKind::Client, TokenKind::Frontend, TokenKind::Admin, TokenKind::Pat] {
-            let rate = self.rate_limits.per_kind.get(&kind);
-            line(
-                &format!("rate_limit_{}", kind.as_str()),
-                rate.map_or("off".into(), rate_text),
-            );
+        let mut line = |k: &str, v: &str| out.push_str(&format!("{k} = {v}\n"));
+        let config = self.config_file.as_ref().map(|p| p.display().to_string());
+        line("config", config.as_deref().unwrap_or("(none)"));
+        for m in SETTINGS {
+            line(m.key, self.shown.get(m.key).map_or(m.unset, String::as_str));
         }
         let mut named: Vec<_> = self.rate_limits.per_name.iter().collect();
         named.sort_by(|a, b| a.0.cmp(b.0));
         for (name, rate) in named {
-            line(&format!("rate_limit_tokens {name}"), rate_text(rate));
+            line(&format!("rate_limit_tokens {name}"), &format!("{}:{}", rate.per_second, rate.burst));
         }
         let policy = crate::policy::Policy::new(self.routes.clone());
         for r in policy.rules() {
             let kinds: Vec<_> = r.allow.kinds().map(|k| k.as_str()).collect();
             line(
                 &format!("route {}", r.name),
-                format!(
+                &format!(
                     "{} -> [{}]{}",
                     r.prefix,
                     kinds.join(", "),
-                    if r.preflight { " (+ token-less OPTIONS)" } else { "" }
+                    if r.preflight { " (+ token-less CORS preflight)" } else { "" }
                 ),
             );
         }
         out.push_str("route unmatched = (any other path) -> [admin]\n");
         out
+    }
+
+    /// The settings that differ between two configurations and need a restart to apply.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        SETTINGS
+            .iter()
+            .filter(|m| m.apply == Apply::Restart && self.shown.get(m.key) != new.shown.get(m.key))
+            .map(|m| m.key)
+            .collect()
     }
 }

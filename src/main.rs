@@ -36,7 +36,7 @@ enum Cmd {
 #[derive(Args)]
 struct HealthArgs {
     /// Admin address to probe; an unspecified address (0.0.0.0, ::) probes loopback
-    #[arg(long, env = "FLAGGATE_ADMIN_LISTEN", default_value = flaggate::config::DEFAULT_ADMIN_LISTEN)]
+    #[arg(long, env = "FLAGGATE_ADMIN_LISTEN", default_value = flaggate::config::default_of("admin_listen"))]
     admin_listen: String,
     /// Probe /health (alive) instead of /ready
     #[arg(long)]

@@ -184,19 +184,22 @@ async fn one_http2_connection_holds_at_most_its_share_of_the_slots() {
             conn.ready().await.unwrap();
             let resp = conn.send_request(req).await.unwrap();
             let status = resp.status().as_u16();
-            let body = if status == 503 {
-                resp.into_body().collect().await.unwrap().to_bytes()
+            // A held stream's body is kept open (dropping it would reset the stream and free its slot).
+            let (body, open) = if status == 503 {
+                (resp.into_body().collect().await.unwrap().to_bytes(), None)
             } else {
-                Bytes::new()
+                (Bytes::new(), Some(resp.into_body()))
             };
-            (status, body)
+            (status, body, open)
         }));
     }
     let _a = held.next().await;
     let _b = held.next().await;
     let mut statuses = Vec::new();
+    let mut open = Vec::new();
     for s in streams {
-        let (status, body) = s.await.unwrap();
+        let (status, body, stream) = s.await.unwrap();
+        open.push(stream);
         if status == 503 {
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
             assert_eq!(v["limit"], "connection", "{v}");

@@ -1,10 +1,10 @@
 //! Config hot reload: route rules change without a restart; a broken file keeps the old rules.
-mod support;
+use crate::support;
 
+use crate::support::poll::{status_within, within};
+use crate::support::upstream::ok_json;
+use crate::support::{gateway, get, upstream};
 use std::time::{Duration, Instant};
-use support::poll::{status_within, within};
-use support::upstream::ok_json;
-use support::{gateway, get, upstream};
 
 const CLIENT: &str = "*:development.reload-client-0123456789abcdef";
 const ADMIN: &str = "*:*.reload-admin-0123456789abcdef";

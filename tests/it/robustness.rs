@@ -1,13 +1,13 @@
 //! Nothing a client can put on the wire makes the gateway panic, hang, answer 5xx, or forward a
 //! non-canonical path: hundreds of random requests over raw TCP, then a normal request still works.
-mod support;
+use crate::support;
 
+use crate::support::client::raw_status;
+use crate::support::upstream::ok_json;
+use crate::support::{gateway, raw, upstream};
 use std::net::SocketAddr;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
-use support::client::raw_status;
-use support::upstream::ok_json;
-use support::{gateway, raw, upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLIENT: &str = "*:development.robustness-client-0123456789abcdef";

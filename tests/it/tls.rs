@@ -1,11 +1,9 @@
 //! TLS termination and TLS to the upstream, with certificates generated here.
-mod support;
-
+use crate::support::poll::within;
+use crate::support::tls::{connect, Ca};
+use crate::support::upstream::ok_json;
+use crate::support::{gateway, get, upstream};
 use std::time::Duration;
-use support::poll::within;
-use support::tls::{connect, Ca};
-use support::upstream::ok_json;
-use support::{gateway, get, upstream};
 
 const CLIENT: &str = "*:development.tls-client-0123456789abcdef";
 

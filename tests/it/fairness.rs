@@ -3,14 +3,14 @@
 //! token-less preflights together can hold only their share, so authorized SDKs keep being served while
 //! such an attack runs. The mock upstream reads each request body before it answers, as Unleash does
 //! (`express.json` runs before its CORS handler).
-mod support;
+use crate::support;
 
+use crate::support::client::{h2, raw_status, send_h2};
+use crate::support::upstream::{event_streams, ok_json};
+use crate::support::{gateway, get, upstream};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::time::{Duration, Instant};
-use support::client::{h2, raw_status, send_h2};
-use support::upstream::{event_streams, ok_json};
-use support::{gateway, get, upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

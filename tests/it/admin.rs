@@ -1,15 +1,15 @@
 //! The admin listener: liveness, readiness (including draining at shutdown), and a Prometheus scrape
 //! whose request counters move exactly and which never shows a token.
-mod support;
+use crate::support;
 
+use crate::support::upstream::ok_json;
+use crate::support::{gateway, get, upstream};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use support::upstream::ok_json;
-use support::{gateway, get, upstream};
 
 const CLIENT: &str = "*:development.admin-test-client-secret-0123456789";
 const FRONTEND: &str = "default:development.admin-test-frontend-secret-0123456789";

@@ -1,10 +1,10 @@
 //! Every limit triggers its status; slow, idle and surplus clients cannot starve normal ones.
-mod support;
+use crate::support;
 
+use crate::support::client::raw_status;
+use crate::support::upstream::ok_json;
+use crate::support::{gateway, get, raw, upstream};
 use std::time::{Duration, Instant};
-use support::client::raw_status;
-use support::upstream::ok_json;
-use support::{gateway, get, raw, upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

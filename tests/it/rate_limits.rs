@@ -1,11 +1,9 @@
 //! Per-token rate limits, and a junk-token flood that must not starve a well-behaved SDK.
-mod support;
-
+use crate::support::upstream::ok_json;
+use crate::support::{gateway, get, upstream};
 use bytes::Bytes;
 use http_body_util::Full;
 use std::time::{Duration, Instant};
-use support::upstream::ok_json;
-use support::{gateway, get, upstream};
 
 const FRONTEND_A: &str = "default:development.rl-frontend-a-0123456789";
 const FRONTEND_B: &str = "default:development.rl-frontend-b-0123456789";

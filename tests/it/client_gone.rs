@@ -1,58 +1,25 @@
 //! A client that leaves mid-request still leaves a trace: every request is logged and counted whatever
 //! its fate (status 499, decision `client_gone`), its connection's timeouts keep working, and a client
 //! that abandons forwarded requests in a loop is cut off without costing Unleash a new connection each.
-mod support;
+use crate::support;
 
+use crate::support::client::h2;
+use crate::support::poll::within;
+use crate::support::upstream::ok_json;
+use crate::support::{gateway, get, upstream};
 use bytes::Bytes;
 use http_body_util::Full;
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
-use support::client::h2;
-use support::poll::within;
-use support::upstream::ok_json;
-use support::{gateway, get, upstream};
 use tokio::io::AsyncWriteExt;
 
 const CLIENT: &str = "*:development.gone-client-0123456789abcdef";
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn logs() -> &'static Capture {
-    static CAP: OnceLock<Capture> = OnceLock::new();
-    CAP.get_or_init(|| {
-        let cap = Capture::default();
-        let writer = cap.clone();
-        flaggate::telemetry::init_logging_to(flaggate::config::LogFormat::Json, None, move || writer.clone());
-        cap
-    })
-}
-
 /// The access-log line of the request with this id, once written.
 async fn access_line(id: &str) -> Option<serde_json::Value> {
-    let mut found = None;
-    within(Duration::from_secs(5), || {
-        let line = String::from_utf8_lossy(&logs().0.lock().unwrap())
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|l| l["target"] == "flaggate::access" && l["request_id"] == id);
-        let got = line.is_some();
-        found = line;
-        async move { got }
+    support::logs::find(Duration::from_secs(5), |l| {
+        l["target"] == "flaggate::access" && l["request_id"] == id
     })
-    .await;
-    found
+    .await
 }
 
 fn features(addr: std::net::SocketAddr, id: &str) -> http::Request<Full<Bytes>> {
@@ -73,7 +40,7 @@ fn gone_series(scrape: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_client_leaves_is_logged_and_counted_and_its_h2_connection_still_times_out() {
-    logs();
+    support::logs::capture();
     let up = upstream()
         .delay("/api/client/features", Duration::from_millis(600))
         .route("*", |_| ok_json(r#"{"features":[]}"#))
@@ -146,7 +113,7 @@ async fn a_request_whose_client_leaves_is_logged_and_counted_and_its_h2_connecti
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_resetting_forwarded_streams_is_cut_off_past_its_budget_without_upstream_connection_churn() {
-    logs();
+    support::logs::capture();
     let up = upstream()
         .delay("/api/client/features", Duration::from_millis(30))
         .route("*", |_| ok_json(r#"{"features":[]}"#))

@@ -1,7 +1,8 @@
 //! SIGTERM on the real binary: readiness flips at once, no new connections, the in-flight request
 //! finishes, an event stream is ended cleanly, and the process exits 0 within the grace period.
-mod support;
-
+use crate::support::binary::flaggate;
+use crate::support::upstream::{channel_body, event_stream};
+use crate::support::{get, upstream};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::io::{BufRead, BufReader};
@@ -9,9 +10,6 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::binary::flaggate;
-use support::upstream::{channel_body, event_stream};
-use support::{get, upstream};
 
 const CLIENT: &str = "*:development.shutdown-client-0123456789abcdef";
 

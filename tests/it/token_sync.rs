@@ -1,12 +1,10 @@
 //! The Unleash token source against a mock Unleash: revocation, expiry, new tokens, junk floods, PATs,
 //! outage with snapshot restarts, and ETag economy.
-mod support;
-
+use crate::support::poll::{ready_within, status_within, within};
+use crate::support::unleash::mock_unleash;
+use crate::support::{gateway, get};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use support::poll::{ready_within, status_within, within};
-use support::unleash::mock_unleash;
-use support::{gateway, get};
 
 const CLIENT: &str = "*:development.sync-client-0123456789abcdef";
 const FRONTEND: &str = "default:development.sync-frontend-0123456789abcdef";

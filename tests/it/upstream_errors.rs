@@ -1,11 +1,9 @@
 //! When Unleash is down, slow or rude, the client gets a prompt, well-formed JSON error (502/504 with a
 //! stable `code` and no upstream detail), and the gateway goes on serving.
-mod support;
-
+use crate::support::{gateway, get, Reply};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::{gateway, get, Reply};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;

@@ -1,13 +1,11 @@
 //! The token file is live: edits, atomic renames and ConfigMap-style symlink swaps apply within 2 s; a
 //! broken edit keeps the last good set; `expires_at` is enforced to the second without any reload.
-mod support;
-
+use crate::support::gateway::token_yaml;
+use crate::support::poll::status_within;
+use crate::support::upstream::ok_json;
+use crate::support::{gateway, get, upstream, MockUpstream, TestGateway, TokenSpec};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
-use support::gateway::token_yaml;
-use support::poll::status_within;
-use support::upstream::ok_json;
-use support::{gateway, get, upstream, MockUpstream, TestGateway, TokenSpec};
 
 const A: &str = "*:development.tokenfile-a-0123456789abcdef";
 const B: &str = "*:development.tokenfile-b-0123456789abcdef";

@@ -5,6 +5,7 @@
 pub mod binary;
 pub mod client;
 pub mod gateway;
+pub mod logs;
 pub mod poll;
 pub mod tls;
 pub mod unleash;

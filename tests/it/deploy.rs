@@ -17,8 +17,7 @@
 //! (deploy/lint.sh lints the same files with hadolint, yamllint, kubernetes-validate, compose, promtool —
 //! check and test — and systemd-analyze.)
 
-mod support;
-
+use crate::support::binary::flaggate;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,7 +26,6 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use support::binary::flaggate;
 
 // ---------------------------------------------------------------- the binary
 

@@ -1,12 +1,10 @@
 //! The binary as operators and newcomers meet it: config errors, `check-config`, `token explain`, and
 //! `flaggate demo` whose printed curl lines must give the statuses they promise.
 
-mod support;
-
+use crate::support::binary::flaggate;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use support::binary::flaggate;
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
     let p = dir.path().join(name);

@@ -1,17 +1,17 @@
 //! The gateway is transparent for allowed requests: what the client sends reaches Unleash (minus
 //! hop-by-hop fields and client copies of forwarding headers), and what Unleash answers reaches the client
 //! byte for byte, streamed rather than buffered, over HTTP/1.1 and h2c alike.
-mod support;
+use crate::support;
 
+use crate::support::client::raw_status;
+use crate::support::upstream::{event_streams, full, ok_json};
+use crate::support::{gateway, raw, send, upstream};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::time::Duration;
-use support::client::raw_status;
-use support::upstream::{event_streams, full, ok_json};
-use support::{gateway, raw, send, upstream};
 
 const CLIENT: &str = "*:development.transparency-client-0123456789abcdef";
 

@@ -1,49 +1,16 @@
 //! What operators see: exact metric deltas per decision, the access log line field by field, no secret
 //! anywhere, and a dashboard and alert rules that only query metrics that exist.
-mod support;
+use crate::support;
 
+use crate::support::upstream::ok_json;
+use crate::support::{gateway, get, send, upstream};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
-use support::upstream::ok_json;
-use support::{gateway, get, send, upstream};
 
 const CLIENT: &str = "*:development.telemetry-client-secret-0123456789";
 const FRONTEND: &str = "default:development.telemetry-frontend-secret-0123456789";
 const UNKNOWN: &str = "*:development.telemetry-unknown-secret-0123456789";
-
-/// Every log line this test process writes, as JSON.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn logs() -> &'static Capture {
-    static CAP: OnceLock<Capture> = OnceLock::new();
-    CAP.get_or_init(|| {
-        let cap = Capture::default();
-        let writer = cap.clone();
-        flaggate::telemetry::init_logging_to(flaggate::config::LogFormat::Json, None, move || writer.clone());
-        cap
-    })
-}
-
-fn log_lines() -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(&logs().0.lock().unwrap())
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
 
 fn sample(scrape: &str, series: &str) -> f64 {
     support::poll::sample(scrape, series).unwrap_or(0.0)
@@ -63,7 +30,7 @@ async fn request(addr: std::net::SocketAddr, path: &str, token: Option<&str>, id
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_decision_moves_exactly_its_counters_and_writes_one_complete_log_line() {
-    logs();
+    support::logs::capture();
     let up = upstream().route("*", |_| ok_json(r#"{"features":[]}"#)).run().await;
     let gw = gateway()
         .upstream(up.url())
@@ -147,7 +114,7 @@ async fn each_decision_moves_exactly_its_counters_and_writes_one_complete_log_li
 
     // One access-log line per request, written when the body is done; give the writer a moment.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let lines = log_lines();
+    let lines = support::logs::lines();
     let line = |id: &str| {
         let found: Vec<_> = lines.iter().filter(|l| l["request_id"] == id).collect();
         assert_eq!(found.len(), 1, "exactly one access line for {id}");
@@ -209,7 +176,7 @@ async fn each_decision_moves_exactly_its_counters_and_writes_one_complete_log_li
 
     // The upstream saw our request id, and no secret leaked into any scrape or log line.
     assert!(up.seen().iter().any(|r| r.header("x-request-id") == Some("t-allowed")));
-    let all_logs = String::from_utf8_lossy(&logs().0.lock().unwrap()).into_owned();
+    let all_logs = support::logs::text();
     for secret in [CLIENT, FRONTEND, UNKNOWN] {
         let tail = secret.rsplit('.').next().unwrap();
         for (what, text) in [("scrape", &after), ("dead scrape", &dead_scrape), ("logs", &all_logs)] {

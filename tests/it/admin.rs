@@ -2,73 +2,23 @@
 //! whose request counters move exactly and which never shows a token.
 use crate::support;
 
+use crate::support::metrics::{samples, scrape, Scrape};
 use crate::support::upstream::ok_json;
 use crate::support::{gateway, get, upstream};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 const CLIENT: &str = "*:development.admin-test-client-secret-0123456789";
 const FRONTEND: &str = "default:development.admin-test-frontend-secret-0123456789";
 const UNKNOWN: &str = "*:development.admin-test-unknown-secret-0123456789";
 
-/// One sample of a Prometheus text scrape.
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// Parses the sample lines of a text exposition (label values here never contain `,` or `"`).
-fn samples(scrape: &str) -> Vec<Sample> {
-    scrape
-        .lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| {
-            let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line {l:?}"));
-            let (name, labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.strip_suffix('}').expect("closing brace")),
-                None => (series, ""),
-            };
-            let labels = labels
-                .split(',')
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    let (k, v) = p.split_once('=').expect("label pair");
-                    (k.to_string(), v.trim_matches('"').to_string())
-                })
-                .collect();
-            Sample {
-                name: name.to_string(),
-                labels,
-                value: value.parse().unwrap_or_else(|_| panic!("bad value in {l:?}")),
-            }
-        })
-        .collect()
-}
-
-fn value(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let want: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    samples(scrape)
-        .into_iter()
-        .find(|s| s.name == name && s.labels == want)
-        .map(|s| s.value)
-}
-
-fn requests(scrape: &str, status: &str, decision: &str) -> Option<f64> {
-    value(
-        scrape,
-        "flaggate_requests_total",
-        &[
-            ("route_class", "client"),
-            ("method", "GET"),
-            ("status", status),
-            ("decision", decision),
-        ],
+/// The series counting GETs on the client API with this status and decision.
+fn requests(status: &str, decision: &str) -> String {
+    format!(
+        "flaggate_requests_total{{route_class=\"client\",method=\"GET\",status=\"{status}\",decision=\"{decision}\"}}"
     )
 }
 
@@ -134,30 +84,31 @@ async fn metrics_count_each_decision_exactly_and_never_show_a_secret() {
         "{:?}",
         before.headers
     );
-    let before = before.text();
+    let before = Scrape::parse(before.text());
     assert_eq!(
-        value(
-            &before,
-            "flaggate_build_info",
-            &[("version", env!("CARGO_PKG_VERSION"))]
-        ),
-        Some(1.0)
+        before.value(&format!(
+            "flaggate_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        1.0
     );
-    assert_eq!(requests(&before, "200", "allowed").unwrap_or(0.0), 0.0);
-    assert_eq!(value(&before, "flaggate_ready", &[]), Some(1.0));
-    assert_eq!(
-        value(&before, "flaggate_tokens", &[("kind", "client"), ("source", "file")]),
-        Some(1.0)
-    );
+    // A request series appears with its first request: before any, it is absent (or 0).
+    assert_eq!(before.get(&requests("200", "allowed")).unwrap_or(0.0), 0.0);
+    assert_eq!(before.value("flaggate_ready"), 1.0);
+    assert_eq!(before.value("flaggate_tokens{kind=\"client\",source=\"file\"}"), 1.0);
 
     assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 200);
     assert_eq!(get(gw.addr, "/api/client/features", Some(UNKNOWN)).await.status, 401);
 
-    let after = get(gw.admin, "/metrics", None).await.text();
-    assert!(after.contains("# TYPE flaggate_requests_total counter"), "{after}");
-    assert_eq!(requests(&after, "200", "allowed"), Some(1.0), "{after}");
-    assert_eq!(requests(&after, "401", "unauthenticated"), Some(1.0), "{after}");
-    let total: f64 = samples(&after)
+    let after = scrape(gw.admin).await;
+    assert!(
+        after.text.contains("# TYPE flaggate_requests_total counter"),
+        "{}",
+        after.text
+    );
+    assert_eq!(after.value(&requests("200", "allowed")), 1.0, "{}", after.text);
+    assert_eq!(after.value(&requests("401", "unauthenticated")), 1.0, "{}", after.text);
+    let total: f64 = samples(&after.text)
         .iter()
         .filter(|s| s.name == "flaggate_requests_total")
         .map(|s| s.value)
@@ -165,15 +116,16 @@ async fn metrics_count_each_decision_exactly_and_never_show_a_secret() {
     assert_eq!(total, 2.0, "exactly the two requests were counted");
     // Rendered exactly as Prometheus expects (labels in alphabetical order).
     assert!(
-        after.contains(
+        after.text.contains(
             "flaggate_requests_total{decision=\"allowed\",method=\"GET\",route_class=\"client\",status=\"200\"} 1\n"
         ),
-        "{after}"
+        "{}",
+        after.text
     );
 
     for secret in [CLIENT, FRONTEND, UNKNOWN] {
         let tail = secret.rsplit('.').next().unwrap();
-        for scrape in [&before, &after] {
+        for scrape in [&before.text, &after.text] {
             assert!(!scrape.contains(tail), "a token secret appears in the scrape");
         }
     }
@@ -218,8 +170,8 @@ async fn ready_while_serving_then_draining_at_shutdown() {
     let (status, metrics) = on_conn(&mut sender, "/metrics").await;
     assert_eq!(status, 200);
     assert_eq!(
-        value(&metrics, "flaggate_ready", &[]),
-        Some(0.0),
+        Scrape::parse(metrics).value("flaggate_ready"),
+        0.0,
         "the gauge follows /ready"
     );
 

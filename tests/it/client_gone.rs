@@ -4,9 +4,10 @@
 use crate::support;
 
 use crate::support::client::h2;
+use crate::support::metrics::{metric, metric_eventually, scrape};
 use crate::support::poll::within;
 use crate::support::upstream::ok_json;
-use crate::support::{gateway, get, upstream};
+use crate::support::{gateway, upstream};
 use bytes::Bytes;
 use http_body_util::Full;
 use std::time::Duration;
@@ -30,13 +31,8 @@ fn features(addr: std::net::SocketAddr, id: &str) -> http::Request<Full<Bytes>> 
         .unwrap()
 }
 
-fn gone_series(scrape: &str) -> f64 {
-    support::poll::sample(
-        scrape,
-        "flaggate_requests_total{decision=\"client_gone\",method=\"GET\",route_class=\"client\",status=\"499\"}",
-    )
-    .unwrap_or(0.0)
-}
+const GONE: &str =
+    "flaggate_requests_total{decision=\"client_gone\",method=\"GET\",route_class=\"client\",status=\"499\"}";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_client_leaves_is_logged_and_counted_and_its_h2_connection_still_times_out() {
@@ -97,17 +93,17 @@ async fn a_request_whose_client_leaves_is_logged_and_counted_and_its_h2_connecti
         .expect("no access-log line for an HTTP/1.1 client that hung up");
     assert_eq!(line["status"], 499, "{line}");
 
-    let scrape = get(gw.admin, "/metrics", None).await.text();
-    assert_eq!(gone_series(&scrape), 2.0, "both departures counted");
-    assert_eq!(support::poll::sample(&scrape, "flaggate_inflight_requests"), Some(0.0));
+    let scrape = scrape(gw.admin).await;
+    assert_eq!(scrape.value(GONE), 2.0, "both departures counted");
+    assert_eq!(scrape.value("flaggate_inflight_requests"), 0.0);
     // Unleash saw both, and each exchange was finished in the background rather than cut.
-    let admin = gw.admin;
-    let finished = within(Duration::from_secs(3), || async move {
-        let scrape = get(admin, "/metrics", None).await.text();
-        support::poll::sample(&scrape, "flaggate_upstream_inflight") == Some(0.0)
-    })
+    metric_eventually(
+        gw.admin,
+        "flaggate_upstream_inflight",
+        |v| v == 0.0,
+        Duration::from_secs(3),
+    )
     .await;
-    assert!(finished.is_some());
     assert_eq!(up.count(), 2);
 }
 
@@ -146,10 +142,9 @@ async fn a_client_resetting_forwarded_streams_is_cut_off_past_its_budget_without
     let budget = 100;
     assert!(sent > budget, "cut off after only {sent} resets");
     assert!(sent < 300, "{sent} resets before the connection was cut");
-    let scrape = get(gw.admin, "/metrics", None).await.text();
     assert_eq!(
-        support::poll::sample(&scrape, "flaggate_connections_closed_total{reason=\"cancel_budget\"}"),
-        Some(1.0)
+        metric(gw.admin, "flaggate_connections_closed_total{reason=\"cancel_budget\"}").await,
+        1.0
     );
     // Each abandoned exchange was finished and its connection kept in the pool: a handful of upstream
     // connections, not one per reset.

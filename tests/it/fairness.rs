@@ -6,6 +6,7 @@
 use crate::support;
 
 use crate::support::client::{h2, raw_status, send_h2};
+use crate::support::metrics::scrape;
 use crate::support::upstream::{event_streams, ok_json};
 use crate::support::{gateway, get, upstream};
 use bytes::Bytes;
@@ -142,17 +143,16 @@ async fn a_public_token_holding_its_share_cannot_take_the_pool() {
     }
     sdk_poll_is_served_within_a_second(gw.addr).await;
     assert_eq!(up.seen().iter().filter(|r| r.path() == "/api/frontend").count(), 2);
-    let scrape = get(gw.admin, "/metrics", None).await.text();
-    let sample = |s| support::poll::sample(&scrape, s);
+    let scrape = scrape(gw.admin).await;
     assert_eq!(
-        sample("flaggate_upstream_slot_refusals_total{limit=\"token\"}"),
-        Some(4.0)
+        scrape.value("flaggate_upstream_slot_refusals_total{limit=\"token\"}"),
+        4.0
     );
     assert_eq!(
-        sample("flaggate_upstream_max_inflight_share{limit=\"token\"}"),
-        Some(2.0)
+        scrape.value("flaggate_upstream_max_inflight_share{limit=\"token\"}"),
+        2.0
     );
-    assert_eq!(sample("flaggate_upstream_inflight"), Some(2.0));
+    assert_eq!(scrape.value("flaggate_upstream_inflight"), 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,7 @@
 use crate::support;
 
 use crate::support::client::raw_status;
+use crate::support::metrics::{metric, scrape};
 use crate::support::upstream::ok_json;
 use crate::support::{gateway, get, raw, upstream};
 use std::time::{Duration, Instant};
@@ -297,13 +298,7 @@ async fn two_thousand_idle_connections_do_not_stop_a_new_client() {
     let r = get(gw.addr, "/api/client/features", Some(CLIENT)).await;
     assert_eq!(r.status, 200);
     assert!(started.elapsed() < Duration::from_secs(2));
-    let m = get(gw.admin, "/metrics", None).await.text();
-    let open: f64 = m
-        .lines()
-        .find_map(|l| l.strip_prefix("flaggate_connections{listener=\"proxy\"} "))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let open = metric(gw.admin, "flaggate_connections{listener=\"proxy\"}").await;
     assert!(open >= 2000.0, "open connections gauge: {open}");
     drop(idle);
 }
@@ -501,19 +496,16 @@ async fn beyond_the_upstream_slots_requests_queue_then_get_503_and_never_reach_u
     assert!(took >= Duration::from_millis(900), "did not queue first: {took:?}");
     assert!(took < Duration::from_secs(3), "queued too long: {took:?}");
     assert_eq!(up.count(), 1, "a request beyond the slots reached Unleash");
-    let scrape = get(gw.admin, "/metrics", None).await.text();
-    assert_eq!(support::poll::sample(&scrape, "flaggate_upstream_inflight"), Some(1.0));
+    let scrape = scrape(gw.admin).await;
+    assert_eq!(scrape.value("flaggate_upstream_inflight"), 1.0);
+    assert_eq!(scrape.value("flaggate_upstream_max_inflight"), 1.0);
     assert_eq!(
-        support::poll::sample(&scrape, "flaggate_upstream_max_inflight"),
-        Some(1.0)
-    );
-    assert_eq!(
-        support::poll::sample(
-            &scrape,
+        scrape.value(
             r#"flaggate_requests_total{decision="upstream_error",method="GET",route_class="client",status="503"}"#
         ),
-        Some(1.0),
-        "{scrape}"
+        1.0,
+        "{}",
+        scrape.text
     );
 
     // A queued request is served as soon as the stream ends and gives its slot back.
@@ -523,8 +515,7 @@ async fn beyond_the_upstream_slots_requests_queue_then_get_503_and_never_reach_u
         (get(addr, "/api/client/features", Some(CLIENT)).await, started.elapsed())
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let scrape = get(gw.admin, "/metrics", None).await.text();
-    assert_eq!(support::poll::sample(&scrape, "flaggate_upstream_queued"), Some(1.0));
+    assert_eq!(metric(gw.admin, "flaggate_upstream_queued").await, 1.0);
     drop(events);
     while stream.frame().await.is_some() {}
     let (r, took) = queued.await.unwrap();
@@ -562,6 +553,5 @@ async fn a_client_that_leaves_mid_stream_gives_its_upstream_slot_back() {
         "the departed client's slot was never given back: {}",
         r.text()
     );
-    let scrape = get(gw.admin, "/metrics", None).await.text();
-    assert_eq!(support::poll::sample(&scrape, "flaggate_upstream_inflight"), Some(0.0));
+    assert_eq!(metric(gw.admin, "flaggate_upstream_inflight").await, 0.0);
 }

@@ -2,6 +2,7 @@
 //! anywhere, and a dashboard and alert rules that only query metrics that exist.
 use crate::support;
 
+use crate::support::metrics::scrape;
 use crate::support::upstream::ok_json;
 use crate::support::{gateway, get, send, upstream};
 use bytes::Bytes;
@@ -11,10 +12,6 @@ use http_body_util::Full;
 const CLIENT: &str = "*:development.telemetry-client-secret-0123456789";
 const FRONTEND: &str = "default:development.telemetry-frontend-secret-0123456789";
 const UNKNOWN: &str = "*:development.telemetry-unknown-secret-0123456789";
-
-fn sample(scrape: &str, series: &str) -> f64 {
-    support::poll::sample(scrape, series).unwrap_or(0.0)
-}
 
 async fn request(addr: std::net::SocketAddr, path: &str, token: Option<&str>, id: &str) -> u16 {
     let mut b = Request::get(format!("http://{addr}{path}"))
@@ -44,7 +41,7 @@ async fn each_decision_moves_exactly_its_counters_and_writes_one_complete_log_li
         .start()
         .await;
 
-    let before = get(gw.admin, "/metrics", None).await.text();
+    let before = scrape(gw.admin).await;
     assert_eq!(
         request(gw.addr, "/api/client/features", Some(CLIENT), "t-allowed").await,
         200
@@ -69,10 +66,12 @@ async fn each_decision_moves_exactly_its_counters_and_writes_one_complete_log_li
         request(dead.addr, "/api/client/features", Some(CLIENT), "t-upstream").await,
         502
     );
-    let after = get(gw.admin, "/metrics", None).await.text();
-    let dead_scrape = get(dead.admin, "/metrics", None).await.text();
+    let after = scrape(gw.admin).await;
+    let dead_scrape = scrape(dead.admin).await;
 
-    let delta = |series: &str| sample(&after, series) - sample(&before, series);
+    // Series with free-form labels (requests by status, durations by class, apps) appear with their first
+    // event: absent before the requests means 0 then. After them, every series asserted on must exist.
+    let delta = |series: &str| after.value(series) - before.get(series).unwrap_or(0.0);
     let req = |class: &str, status: u16, decision: &str| {
         // The exposition orders labels alphabetically.
         format!("flaggate_requests_total{{decision=\"{decision}\",method=\"GET\",route_class=\"{class}\",status=\"{status}\"}}")
@@ -81,7 +80,7 @@ async fn each_decision_moves_exactly_its_counters_and_writes_one_complete_log_li
     assert_eq!(delta(&req("client", 401, "unauthenticated")), 1.0);
     assert_eq!(delta(&req("client", 403, "forbidden")), 1.0);
     assert_eq!(delta(&req("none", 400, "bad_request")), 1.0);
-    assert_eq!(sample(&dead_scrape, &req("client", 502, "upstream_error")), 1.0);
+    assert_eq!(dead_scrape.value(&req("client", 502, "upstream_error")), 1.0);
     assert_eq!(
         delta("flaggate_request_duration_seconds_count{route_class=\"client\"}"),
         4.0
@@ -100,16 +99,17 @@ async fn each_decision_moves_exactly_its_counters_and_writes_one_complete_log_li
     // Only a known token may name an app (the two allowed and the forbidden one): an unknown token, or a
     // request refused before its token was looked at, cannot fill the bounded label set with junk.
     assert_eq!(delta("flaggate_sdk_requests_total{app=\"checkout-service\"}"), 3.0);
-    assert_eq!(sample(&after, "flaggate_inflight_requests"), 0.0);
-    assert_eq!(sample(&after, "flaggate_ready"), 1.0);
-    assert_eq!(sample(&after, "flaggate_tokens{kind=\"client\",source=\"file\"}"), 1.0);
+    assert_eq!(after.value("flaggate_inflight_requests"), 0.0);
+    assert_eq!(after.value("flaggate_ready"), 1.0);
+    assert_eq!(after.value("flaggate_tokens{kind=\"client\",source=\"file\"}"), 1.0);
     assert!(
-        sample(&after, "flaggate_upstream_connections") >= 1.0,
+        after.value("flaggate_upstream_connections") >= 1.0,
         "pooled connection counted"
     );
-    assert!(after.contains("flaggate_build_info{version=\""));
+    assert!(after.text.contains("flaggate_build_info{version=\""));
     assert!(
-        after.contains("process_resident_memory_bytes") || after.contains("flaggate_process_resident_memory_bytes")
+        after.text.contains("process_resident_memory_bytes")
+            || after.text.contains("flaggate_process_resident_memory_bytes")
     );
 
     // One access-log line per request, written when the body is done; give the writer a moment.
@@ -179,7 +179,11 @@ async fn each_decision_moves_exactly_its_counters_and_writes_one_complete_log_li
     let all_logs = support::logs::text();
     for secret in [CLIENT, FRONTEND, UNKNOWN] {
         let tail = secret.rsplit('.').next().unwrap();
-        for (what, text) in [("scrape", &after), ("dead scrape", &dead_scrape), ("logs", &all_logs)] {
+        for (what, text) in [
+            ("scrape", &after.text),
+            ("dead scrape", &dead_scrape.text),
+            ("logs", &all_logs),
+        ] {
             assert!(!text.contains(tail), "{what} contains a token secret");
         }
     }

@@ -1,6 +1,7 @@
 //! The token file is live: edits, atomic renames and ConfigMap-style symlink swaps apply within 2 s; a
 //! broken edit keeps the last good set; `expires_at` is enforced to the second without any reload.
 use crate::support::gateway::token_yaml;
+use crate::support::metrics::metric;
 use crate::support::poll::status_within;
 use crate::support::upstream::ok_json;
 use crate::support::{gateway, get, upstream, MockUpstream, TestGateway, TokenSpec};
@@ -10,6 +11,9 @@ use std::time::{Duration, Instant, SystemTime};
 const A: &str = "*:development.tokenfile-a-0123456789abcdef";
 const B: &str = "*:development.tokenfile-b-0123456789abcdef";
 const C: &str = "*:development.tokenfile-c-0123456789abcdef";
+
+/// Rejected or unreadable token-file reloads (registered at 0, so present from the start).
+const FILE_ERRORS: &str = "flaggate_token_source_updates_total{result=\"error\",source=\"file\"}";
 
 const CLIENT_PATH: &str = "/api/client/features";
 const FRONTEND_PATH: &str = "/api/frontend";
@@ -146,15 +150,7 @@ async fn configmap_style_symlink_swap_applies() {
 async fn a_broken_edit_keeps_the_last_good_set_and_the_next_good_edit_applies() {
     let (_up, gw) = setup(&[(A, "client")]).await;
     assert_eq!(status(&gw, CLIENT_PATH, A).await, 200);
-    let errors = || async {
-        let scrape = get(gw.admin, "/metrics", None).await.text();
-        scrape
-            .lines()
-            .find(|l| l.starts_with("flaggate_token_source_updates_total{") && l.contains("result=\"error\""))
-            .and_then(|l| l.rsplit(' ').next())
-            .map(|v| v.parse::<f64>().unwrap())
-            .unwrap_or(0.0)
-    };
+    let errors = || metric(gw.admin, FILE_ERRORS);
     let errors_before = errors().await;
 
     // Invalid YAML.

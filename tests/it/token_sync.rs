@@ -1,5 +1,6 @@
 //! The Unleash token source against a mock Unleash: revocation, expiry, new tokens, junk floods, PATs,
 //! outage with snapshot restarts, and ETag economy.
+use crate::support::metrics::{metric, scrape};
 use crate::support::poll::{ready_within, status_within, within};
 use crate::support::unleash::mock_unleash;
 use crate::support::{gateway, get};
@@ -246,11 +247,8 @@ async fn during_an_outage_known_tokens_pass_and_a_restart_serves_from_the_snapsh
             "stays ready on the last good set"
         );
     }
-    let metrics = get(gw.admin, "/metrics", None).await.text();
-    assert!(
-        metrics.contains("flaggate_token_sync_total{result=\"error\"}"),
-        "{metrics}"
-    );
+    // Registered at 0 from the start: the failed syncs must have counted.
+    assert!(metric(gw.admin, "flaggate_token_sync_total{result=\"error\"}").await >= 1.0);
     drop(gw);
 
     // Restart while Unleash is still down: the snapshot serves.
@@ -309,17 +307,10 @@ async fn an_unchanged_token_list_costs_a_304() {
     assert!(list.len() >= 4, "polls every interval: {}", list.len());
     assert!(list[0].header("if-none-match").is_none());
     assert!(list[1..].iter().all(|r| r.header("if-none-match") == Some("W/\"v1\"")));
-    let metrics = get(gw.admin, "/metrics", None).await.text();
-    let line = metrics
-        .lines()
-        .find(|l| l.starts_with("flaggate_token_sync_total{result=\"unchanged\"}"))
-        .expect("unchanged syncs counted");
-    let unchanged: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
-    assert!(unchanged >= 3.0, "{line}");
-    assert!(
-        metrics.contains("flaggate_token_sync_total{result=\"ok\"} 1"),
-        "{metrics}"
-    );
+    let metrics = scrape(gw.admin).await;
+    let unchanged = metrics.value("flaggate_token_sync_total{result=\"unchanged\"}");
+    assert!(unchanged >= 3.0, "unchanged syncs counted: {unchanged}");
+    assert_eq!(metrics.value("flaggate_token_sync_total{result=\"ok\"}"), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -338,12 +329,10 @@ async fn a_rejected_upstream_token_is_a_distinct_error_and_never_ready() {
     let r = get(gw.admin, "/ready", None).await;
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["reason"], "no token set loaded yet");
-    let metrics = get(gw.admin, "/metrics", None).await.text();
-    assert!(
-        metrics.contains("flaggate_token_sync_total{result=\"rejected\"}"),
-        "{metrics}"
-    );
-    assert!(!metrics.contains("wrong-token"));
+    let metrics = scrape(gw.admin).await;
+    // Registered at 0 from the start: the rejected syncs must have counted.
+    assert!(metrics.value("flaggate_token_sync_total{result=\"rejected\"}") >= 1.0);
+    assert!(!metrics.text.contains("wrong-token"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

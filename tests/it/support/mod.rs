@@ -6,6 +6,7 @@ pub mod binary;
 pub mod client;
 pub mod gateway;
 pub mod logs;
+pub mod metrics;
 pub mod poll;
 pub mod tls;
 pub mod unleash;

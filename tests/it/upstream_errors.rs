@@ -1,5 +1,6 @@
 //! When Unleash is down, slow or rude, the client gets a prompt, well-formed JSON error (502/504 with a
 //! stable `code` and no upstream detail), and the gateway goes on serving.
+use crate::support::binary::refusing_port;
 use crate::support::{gateway, get, Reply};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -69,12 +70,6 @@ fn scripted(listener: TcpListener) -> Scripted {
     Scripted { addr, heads, task }
 }
 
-/// An address on which nothing listens (bound, then released).
-fn dead_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 fn assert_gateway_error(r: &Reply, status: u16, code: &str, upstream: SocketAddr) {
     assert_eq!(r.status.as_u16(), status, "{}", r.text());
     assert_eq!(r.json()["code"], code, "{}", r.text());
@@ -90,7 +85,8 @@ fn assert_gateway_error(r: &Reply, status: u16, code: &str, upstream: SocketAddr
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connection_is_502_upstream_unreachable_and_service_resumes_when_upstream_returns() {
-    let addr = dead_addr();
+    // Nothing listens there, and no other process can take the port while the test holds it.
+    let (held, addr) = refusing_port();
     let gw = gateway()
         .upstream(format!("http://{addr}"))
         .token(CLIENT, "client")
@@ -112,11 +108,7 @@ async fn refused_connection_is_502_upstream_unreachable_and_service_resumes_when
     assert_eq!(get(gw.admin, "/health", None).await.status, 200);
 
     // Unleash comes back on the same address: the very next request goes through.
-    let Ok(listener) = TcpListener::bind(addr).await else {
-        eprintln!("port {addr} was taken by someone else meanwhile; skipping the recovery half");
-        return;
-    };
-    let mut up = scripted(listener);
+    let mut up = scripted(held.listen(128).expect("listen on the held port"));
     let r = get(gw.addr, "/api/client/features", Some(CLIENT)).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.text(), r#"{"ok":true}"#);

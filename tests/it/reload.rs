@@ -2,6 +2,7 @@
 use crate::support;
 
 use crate::support::metrics::{metric, metric_eventually, scrape};
+use crate::support::patience;
 use crate::support::poll::{status_within, within};
 use crate::support::upstream::ok_json;
 use crate::support::{gateway, get, upstream};
@@ -104,29 +105,38 @@ async fn a_busy_config_directory_does_not_trigger_reloads() {
         .config("max_request_body = \"1MiB\"\n")
         .start()
         .await;
+    let config = gw.dir.path().join("flaggate.toml");
+    let inflight_cap = metric(gw.admin, "flaggate_upstream_max_inflight").await;
+    assert_ne!(inflight_cap, 7.0, "the marker below must be a change");
     // A log file (or anything else) written next to the config file, again and again.
     let noise = gw.dir.path().join("flaggate.log");
     for i in 0..20 {
         std::fs::write(&noise, format!("line {i}\n")).unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Touching the config file without changing it is not a change either.
-    let config = gw.dir.path().join("flaggate.toml");
+    // A pause, so that a reload the noise caused would be over before the real change below.
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(
         metric(gw.admin, "flaggate_config_reloads_total{result=\"ok\"}").await,
         0.0,
         "reloaded on unrelated events"
     );
-    std::fs::write(&config, "max_request_body = \"2MiB\"\n").unwrap();
-    // A real change is reloaded, exactly once.
+    // A real change, with a marker that shows when it is in effect. The watcher takes events in order,
+    // so once the marker shows, the noise was seen first: the one reload counted is this change's.
+    // (Ignoring the noise itself is not observable: watch_files drops those events silently.)
+    std::fs::write(&config, "max_request_body = \"2MiB\"\nupstream_max_inflight = 7\n").unwrap();
     metric_eventually(
         gw.admin,
-        "flaggate_config_reloads_total{result=\"ok\"}",
-        |v| v == 1.0,
-        Duration::from_secs(3),
+        "flaggate_upstream_max_inflight",
+        |v| v == 7.0,
+        patience(Duration::from_secs(3)),
     )
     .await;
+    assert_eq!(
+        metric(gw.admin, "flaggate_config_reloads_total{result=\"ok\"}").await,
+        1.0,
+        "a real change is reloaded exactly once, and the noise never"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,6 +3,7 @@
 use crate::support;
 
 use crate::support::metrics::scrape;
+use crate::support::patience;
 use crate::support::upstream::ok_json;
 use crate::support::{gateway, get, send, upstream};
 use bytes::Bytes;
@@ -112,8 +113,19 @@ async fn each_decision_moves_exactly_its_counters_and_writes_one_complete_log_li
             || after.text.contains("flaggate_process_resident_memory_bytes")
     );
 
-    // One access-log line per request, written when the body is done; give the writer a moment.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // One access-log line per request, written when the body is done: wait until each is there.
+    for id in [
+        "t-allowed",
+        "t-allowed-2",
+        "t-unauth",
+        "t-forbidden",
+        "t-bad",
+        "t-upstream",
+    ] {
+        support::logs::find(patience(std::time::Duration::from_secs(5)), |l| l["request_id"] == id)
+            .await
+            .unwrap_or_else(|| panic!("no access line for {id}:\n{}", support::logs::tail(40)));
+    }
     let lines = support::logs::lines();
     let line = |id: &str| {
         let found: Vec<_> = lines.iter().filter(|l| l["request_id"] == id).collect();

@@ -1,4 +1,6 @@
 //! TLS termination and TLS to the upstream, with certificates generated here.
+use crate::support;
+use crate::support::patience;
 use crate::support::poll::within;
 use crate::support::tls::{connect, Ca};
 use crate::support::upstream::ok_json;
@@ -9,6 +11,7 @@ const CLIENT: &str = "*:development.tls-client-0123456789abcdef";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_with_h2_and_http1_and_certificate_hot_swap() {
+    support::logs::capture();
     let up = upstream().route("*", |_| ok_json(r#"{"via":"tls"}"#)).run().await;
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("test CA");
@@ -57,13 +60,28 @@ async fn https_with_h2_and_http1_and_certificate_hot_swap() {
     assert_eq!(h1.get("/api/client/features", CLIENT).await.unwrap().0, 200);
     assert_eq!(h2.get("/api/client/features", CLIENT).await.unwrap().0, 200);
 
-    // A broken certificate file keeps the current one serving.
+    // A broken certificate file keeps the current one serving: once the watcher has rejected it (its
+    // error names this test's certificate file), the old certificate must still be the one served.
+    let cert_path = cert.display().to_string();
+    let rejected = |l: &serde_json::Value| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("new TLS certificate rejected"))
+            && l["error"].as_str().is_some_and(|e| e.contains(&cert_path))
+    };
+    let rejections = support::logs::count(rejected);
     std::fs::write(
         &cert,
         "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
     )
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    support::logs::wait_for_more(
+        "rejecting the broken certificate",
+        rejections,
+        patience(Duration::from_secs(3)),
+        rejected,
+    )
+    .await;
     let mut c = connect(gw.addr, &ca, &[b"http/1.1"], None)
         .await
         .expect("still serving TLS");

@@ -1,7 +1,8 @@
 //! The token file is live: edits, atomic renames and ConfigMap-style symlink swaps apply within 2 s; a
 //! broken edit keeps the last good set; `expires_at` is enforced to the second without any reload.
 use crate::support::gateway::token_yaml;
-use crate::support::metrics::metric;
+use crate::support::metrics::{metric, metric_eventually};
+use crate::support::patience;
 use crate::support::poll::status_within;
 use crate::support::upstream::ok_json;
 use crate::support::{gateway, get, upstream, MockUpstream, TestGateway, TokenSpec};
@@ -46,6 +47,12 @@ async fn eventually(gw: &TestGateway, path: &str, token: &str, want: u16) -> Dur
             panic!("{path} still {got} (want {want}) 2 s after the token file changed")
         }
     }
+}
+
+/// Waits until the watcher has rejected (or failed to read) the file more than `before` times in all:
+/// the evidence that it took in a broken edit, before a test checks that nothing changed.
+async fn rejected(gw: &TestGateway, before: f64) {
+    metric_eventually(gw.admin, FILE_ERRORS, |v| v > before, patience(Duration::from_secs(2))).await;
 }
 
 /// Asserts `path` with `token` keeps answering `want` for `period`.
@@ -159,6 +166,7 @@ async fn a_broken_edit_keeps_the_last_good_set_and_the_next_good_edit_applies() 
         format!("tokens:\n  - secret: \"{B}\n    type: [client\n"),
     )
     .unwrap();
+    rejected(&gw, errors_before).await;
     steadily(&gw, CLIENT_PATH, A, 200, Duration::from_millis(1500)).await;
     assert_eq!(status(&gw, CLIENT_PATH, B).await, 401);
 
@@ -168,6 +176,7 @@ async fn a_broken_edit_keeps_the_last_good_set_and_the_next_good_edit_applies() 
         format!("tokens:\n  - secret: \"{B}\"\n    type: client\n  - secret: \"{C}\"\n    type: root\n"),
     )
     .unwrap();
+    rejected(&gw, errors_before + 1.0).await;
     steadily(&gw, CLIENT_PATH, A, 200, Duration::from_millis(1500)).await;
     assert_eq!(
         status(&gw, CLIENT_PATH, B).await,
@@ -192,7 +201,9 @@ async fn a_broken_edit_keeps_the_last_good_set_and_the_next_good_edit_applies() 
 async fn a_deleted_file_keeps_the_last_good_set_until_it_reappears() {
     let (_up, gw) = setup(&[(A, "client")]).await;
     assert_eq!(status(&gw, CLIENT_PATH, A).await, 200);
+    let errors_before = metric(gw.admin, FILE_ERRORS).await;
     std::fs::remove_file(&gw.token_file).unwrap();
+    rejected(&gw, errors_before).await;
     steadily(&gw, CLIENT_PATH, A, 200, Duration::from_millis(1000)).await;
     write(&gw.token_file, &[(B, "client")]);
     eventually(&gw, CLIENT_PATH, B, 200).await;
@@ -206,7 +217,9 @@ async fn a_deleted_file_keeps_the_last_good_set_until_it_reappears() {
 async fn an_emptied_file_keeps_the_last_good_set() {
     let (_up, gw) = setup(&[(A, "client")]).await;
     assert_eq!(status(&gw, CLIENT_PATH, A).await, 200);
+    let errors_before = metric(gw.admin, FILE_ERRORS).await;
     std::fs::write(&gw.token_file, "").unwrap();
+    rejected(&gw, errors_before).await;
     steadily(&gw, CLIENT_PATH, A, 200, Duration::from_millis(1000)).await;
 }
 

@@ -1,6 +1,7 @@
 //! The Unleash token source against a mock Unleash: revocation, expiry, new tokens, junk floods, PATs,
 //! outage with snapshot restarts, and ETag economy.
-use crate::support::metrics::{metric, scrape};
+use crate::support::metrics::{metric, metric_eventually, scrape};
+use crate::support::patience;
 use crate::support::poll::{ready_within, status_within, within};
 use crate::support::unleash::mock_unleash;
 use crate::support::{gateway, get};
@@ -8,6 +9,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 const CLIENT: &str = "*:development.sync-client-0123456789abcdef";
+/// Failed token-list fetches (registered at 0, so present from the start).
+const SYNC_ERRORS: &str = "flaggate_token_sync_total{result=\"error\"}";
 const FRONTEND: &str = "default:development.sync-frontend-0123456789abcdef";
 
 fn rfc3339_in(secs: i64) -> (i64, String) {
@@ -232,8 +235,11 @@ async fn during_an_outage_known_tokens_pass_and_a_restart_serves_from_the_snapsh
         .is_some());
 
     for failure in [503u16, 200 /* garbage body */] {
+        let errors = metric(gw.admin, SYNC_ERRORS).await;
         u.state.failure.store(failure, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(900)).await;
+        // The gateway has met this failure (a sync may be backing off from the previous one).
+        metric_eventually(gw.admin, SYNC_ERRORS, |v| v > errors, patience(Duration::from_secs(5))).await;
         assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 200);
         assert_eq!(
             get(gw.addr, "/api/client/features", Some("*:development.unknown"))
@@ -248,7 +254,7 @@ async fn during_an_outage_known_tokens_pass_and_a_restart_serves_from_the_snapsh
         );
     }
     // Registered at 0 from the start: the failed syncs must have counted.
-    assert!(metric(gw.admin, "flaggate_token_sync_total{result=\"error\"}").await >= 1.0);
+    assert!(metric(gw.admin, SYNC_ERRORS).await >= 1.0);
     drop(gw);
 
     // Restart while Unleash is still down: the snapshot serves.
@@ -326,6 +332,14 @@ async fn a_rejected_upstream_token_is_a_distinct_error_and_never_ready() {
         .start()
         .await;
     tokio::time::sleep(Duration::from_millis(800)).await;
+    // Syncs ran and were rejected (not merely not yet tried).
+    metric_eventually(
+        gw.admin,
+        "flaggate_token_sync_total{result=\"rejected\"}",
+        |v| v >= 1.0,
+        patience(Duration::from_secs(3)),
+    )
+    .await;
     let r = get(gw.admin, "/ready", None).await;
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["reason"], "no token set loaded yet");
@@ -347,6 +361,8 @@ async fn with_a_token_file_too_readiness_still_waits_for_the_unleash_set() {
         .start()
         .await;
     tokio::time::sleep(Duration::from_millis(600)).await;
+    // Syncs ran and failed (not merely not yet tried).
+    metric_eventually(gw.admin, SYNC_ERRORS, |v| v >= 1.0, patience(Duration::from_secs(3))).await;
     let r = get(gw.admin, "/ready", None).await;
     assert_eq!(
         r.status, 503,

@@ -1,6 +1,7 @@
 //! The admin listener: liveness, readiness (including draining at shutdown), and a Prometheus scrape
 //! whose request counters move exactly and which never shows a token.
 use crate::support;
+use crate::support::patience;
 
 use crate::support::metrics::{samples, scrape, Scrape};
 use crate::support::upstream::ok_json;
@@ -133,12 +134,12 @@ async fn metrics_count_each_decision_exactly_and_never_show_a_secret() {
 
 /// Sends GET `path` on an already-open HTTP/1 connection.
 async fn on_conn(sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>, path: &str) -> (u16, String) {
-    tokio::time::timeout(Duration::from_secs(5), sender.ready())
+    tokio::time::timeout(patience(Duration::from_secs(5)), sender.ready())
         .await
         .expect("connection never became ready")
         .expect("admin connection was closed");
     let req = Request::get(path).header("host", "admin").body(Empty::new()).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
+    let resp = tokio::time::timeout(patience(Duration::from_secs(5)), sender.send_request(req))
         .await
         .expect("admin request timed out")
         .expect("admin request failed");
@@ -184,7 +185,7 @@ async fn ready_while_serving_then_draining_at_shutdown() {
     let started = Instant::now();
     while tokio::net::TcpStream::connect(gw.addr).await.is_ok() {
         assert!(
-            started.elapsed() < Duration::from_secs(3),
+            started.elapsed() < patience(Duration::from_secs(3)),
             "the proxy port still accepts connections after shutdown"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -201,11 +202,12 @@ async fn idle_connections_cannot_starve_the_probes() {
     }
     for path in ["/health", "/ready"] {
         let started = Instant::now();
-        let r = tokio::time::timeout(Duration::from_secs(1), get(gw.admin, path, None))
+        let limit = patience(Duration::from_secs(1));
+        let r = tokio::time::timeout(limit, get(gw.admin, path, None))
             .await
-            .unwrap_or_else(|_| panic!("{path} did not answer within 1 s behind 300 idle connections"));
+            .unwrap_or_else(|_| panic!("{path} did not answer within {limit:?} behind 300 idle connections"));
         assert_eq!(r.status, 200, "{path}");
-        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(started.elapsed() < limit);
     }
     drop(idle);
 }

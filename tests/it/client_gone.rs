@@ -2,6 +2,7 @@
 //! its fate (status 499, decision `client_gone`), its connection's timeouts keep working, and a client
 //! that abandons forwarded requests in a loop is cut off without costing Unleash a new connection each.
 use crate::support;
+use crate::support::patience;
 
 use crate::support::client::h2;
 use crate::support::metrics::{metric, metric_eventually, scrape};
@@ -17,7 +18,7 @@ const CLIENT: &str = "*:development.gone-client-0123456789abcdef";
 
 /// The access-log line of the request with this id, once written.
 async fn access_line(id: &str) -> Option<serde_json::Value> {
-    support::logs::find(Duration::from_secs(5), |l| {
+    support::logs::find(patience(Duration::from_secs(5)), |l| {
         l["target"] == "flaggate::access" && l["request_id"] == id
     })
     .await
@@ -52,6 +53,7 @@ async fn a_request_whose_client_leaves_is_logged_and_counted_and_its_h2_connecti
     // HTTP/2: the client resets the stream while Unleash is still answering.
     let mut conn = h2(gw.addr).await;
     conn.ready().await.unwrap();
+    // 150 ms is the client's patience here, set well under the upstream's 600 ms: not a bound to stretch.
     let gave_up = tokio::time::timeout(
         Duration::from_millis(150),
         conn.send_request(features(gw.addr, "gone-h2")),
@@ -70,7 +72,7 @@ async fn a_request_whose_client_leaves_is_logged_and_counted_and_its_h2_connecti
         "forwarded, so upstream time is known: {line}"
     );
     // The connection's in-flight count came back to zero: its idle timeout applies again.
-    let closed = within(Duration::from_secs(5), || {
+    let closed = within(patience(Duration::from_secs(5)), || {
         let closed = conn.is_closed();
         async move { closed }
     })
@@ -101,7 +103,7 @@ async fn a_request_whose_client_leaves_is_logged_and_counted_and_its_h2_connecti
         gw.admin,
         "flaggate_upstream_inflight",
         |v| v == 0.0,
-        Duration::from_secs(3),
+        patience(Duration::from_secs(3)),
     )
     .await;
     assert_eq!(up.count(), 2);
@@ -130,7 +132,7 @@ async fn a_client_resetting_forwarded_streams_is_cut_off_past_its_budget_without
         .await;
         sent += 1;
     }
-    let closed = within(Duration::from_secs(5), || {
+    let closed = within(patience(Duration::from_secs(5)), || {
         let closed = conn.is_closed();
         async move { closed }
     })

@@ -1,5 +1,6 @@
 //! Per-token rate limits, and a junk-token flood that must not starve a well-behaved SDK.
 use crate::support::metrics::metric;
+use crate::support::patience;
 use crate::support::upstream::ok_json;
 use crate::support::{gateway, get, upstream};
 use bytes::Bytes;
@@ -125,7 +126,7 @@ async fn a_junk_token_flood_does_not_starve_a_polling_sdk_and_memory_stays_bound
     eprintln!("flood: {junk} junk requests, {polls} SDK polls, worst poll {worst:?}, RSS growth {growth_mb:.1} MB");
     assert!(junk > 1000, "the flood did not flood ({junk})");
     assert!(polls >= 20);
-    assert!(worst < Duration::from_secs(1), "SDK poll took {worst:?}");
+    assert!(worst < patience(Duration::from_secs(1)), "SDK poll took {worst:?}");
     assert_eq!(up.count(), polls, "only the SDK's requests reached upstream");
     assert!(growth_mb < 64.0, "RSS grew {growth_mb:.1} MB during the flood");
 }

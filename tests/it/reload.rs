@@ -39,7 +39,7 @@ async fn route_rules_reload_without_restart_and_a_broken_file_keeps_the_old_ones
     )
     .unwrap();
     assert!(
-        status_becomes(&gw, "/health", CLIENT, 200, Duration::from_secs(3)).await,
+        status_becomes(&gw, "/health", CLIENT, 200, patience(Duration::from_secs(3))).await,
         "rule not applied"
     );
     let m = scrape(gw.admin).await;
@@ -53,7 +53,7 @@ async fn route_rules_reload_without_restart_and_a_broken_file_keeps_the_old_ones
         gw.admin,
         "flaggate_config_reloads_total{result=\"error\"}",
         |v| v >= 1.0,
-        Duration::from_secs(3),
+        patience(Duration::from_secs(3)),
     )
     .await;
     assert_eq!(metric(gw.admin, "flaggate_config_last_reload_success").await, 0.0);
@@ -65,7 +65,7 @@ async fn route_rules_reload_without_restart_and_a_broken_file_keeps_the_old_ones
 
     // Fixing the file applies again; removing the rule restores the default.
     std::fs::write(&config, "max_request_body = \"1MiB\"\n").unwrap();
-    assert!(status_becomes(&gw, "/health", CLIENT, 403, Duration::from_secs(3)).await);
+    assert!(status_becomes(&gw, "/health", CLIENT, 403, patience(Duration::from_secs(3))).await);
     assert_eq!(get(gw.addr, "/health", Some(ADMIN)).await.status, 200);
 }
 
@@ -89,7 +89,7 @@ async fn an_explicit_reload_applies_limits_to_new_requests() {
     std::fs::write(gw.dir.path().join("flaggate.toml"), "max_request_body = \"1KiB\"\n").unwrap();
     // What SIGHUP does; the file watcher would also pick it up.
     gw.running.as_ref().unwrap().reload();
-    let applied = within(Duration::from_secs(3), || async {
+    let applied = within(patience(Duration::from_secs(3)), || async {
         support::client::raw_status(&support::raw(gw.addr, post(4000).as_bytes()).await) == 413
     })
     .await;
@@ -178,12 +178,19 @@ async fn upstream_slots_are_resized_by_a_reload_without_dropping_open_streams() 
     .unwrap();
     gw.running.as_ref().unwrap().reload();
     assert!(
-        status_becomes(&gw, "/api/client/features", CLIENT, 200, Duration::from_secs(3)).await,
+        status_becomes(
+            &gw,
+            "/api/client/features",
+            CLIENT,
+            200,
+            patience(Duration::from_secs(3))
+        )
+        .await,
         "the raised cap was not applied"
     );
     assert_eq!(metric(gw.admin, "flaggate_upstream_max_inflight").await, 2.0);
     // The stream that held the slot all along is still open.
     events.send(Bytes::from("data: 2\n\n")).await.unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(2), stream.frame()).await;
+    let next = tokio::time::timeout(patience(Duration::from_secs(2)), stream.frame()).await;
     assert!(matches!(next, Ok(Some(Ok(_)))), "the open stream was cut by the reload");
 }

@@ -1,6 +1,7 @@
 //! SIGTERM on the real binary: readiness flips at once, no new connections, the in-flight request
 //! finishes, an event stream is ended cleanly, and the process exits 0 within the grace period.
 use crate::support::binary::{spawn, Process};
+use crate::support::patience;
 use crate::support::upstream::{channel_body, event_stream};
 use crate::support::{get, upstream};
 use bytes::Bytes;
@@ -63,7 +64,7 @@ async fn sigterm_drains_in_flight_work_and_exits_zero() {
         .body(Full::new(Bytes::new()))
         .unwrap();
     let mut stream = client.request(req).await.unwrap().into_body();
-    let first = tokio::time::timeout(Duration::from_secs(3), stream.frame())
+    let first = tokio::time::timeout(patience(Duration::from_secs(3)), stream.frame())
         .await
         .unwrap()
         .unwrap()
@@ -81,7 +82,7 @@ async fn sigterm_drains_in_flight_work_and_exits_zero() {
 
     let signalled = Instant::now();
     gw.sigterm();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(patience(Duration::from_millis(200))).await;
     let ready = get(gw.admin, "/ready", None).await;
     assert_eq!(ready.status, 503, "readiness flips at once");
     assert_eq!(ready.json()["reason"], "shutting down");
@@ -91,7 +92,7 @@ async fn sigterm_drains_in_flight_work_and_exits_zero() {
     );
 
     // The event stream ends cleanly (no error), well before the grace period.
-    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+    let ended = tokio::time::timeout(patience(Duration::from_secs(3)), async {
         loop {
             match stream.frame().await {
                 Some(Ok(_)) => continue,
@@ -113,14 +114,14 @@ async fn sigterm_drains_in_flight_work_and_exits_zero() {
     assert!(took >= Duration::from_millis(1400));
 
     let (gw, exit) = tokio::task::spawn_blocking(move || {
-        let exit = gw.wait_exit(Duration::from_secs(6));
+        let exit = gw.wait_exit(patience(Duration::from_secs(6)));
         (gw, exit)
     })
     .await
     .unwrap();
     let status = exit.expect("process did not exit within the grace period");
     assert!(status.success(), "exit status {status:?}");
-    assert!(signalled.elapsed() < Duration::from_secs(5));
+    assert!(signalled.elapsed() < patience(Duration::from_secs(5)));
     let log = gw.stderr();
     assert!(log.contains("shutdown requested"), "{log}");
 }

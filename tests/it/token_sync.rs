@@ -33,7 +33,7 @@ async fn a_token_deleted_upstream_is_denied_within_interval_plus_one_second() {
         .start()
         .await;
     assert!(
-        ready_within(gw.admin, Duration::from_secs(3)).await.is_some(),
+        ready_within(gw.admin, patience(Duration::from_secs(3))).await.is_some(),
         "ready after first sync"
     );
     assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 200);
@@ -44,7 +44,7 @@ async fn a_token_deleted_upstream_is_denied_within_interval_plus_one_second() {
         "/api/client/features",
         Some(CLIENT),
         401,
-        Duration::from_secs(2),
+        patience(Duration::from_secs(2)),
     )
     .await;
     assert!(took.is_some(), "deleted token still allowed after sync interval + 1 s");
@@ -61,7 +61,7 @@ async fn a_token_is_denied_within_one_second_of_its_expiry() {
         .without_token_file()
         .start()
         .await;
-    assert!(ready_within(gw.admin, Duration::from_secs(3)).await.is_some());
+    assert!(ready_within(gw.admin, patience(Duration::from_secs(3))).await.is_some());
     assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 200);
     // Wait for the expiry second, then the token must be refused within 1 s, with no sync in between.
     let until = std::time::UNIX_EPOCH + Duration::from_secs(expiry as u64);
@@ -73,7 +73,7 @@ async fn a_token_is_denied_within_one_second_of_its_expiry() {
         "/api/client/features",
         Some(CLIENT),
         401,
-        Duration::from_secs(1),
+        patience(Duration::from_secs(1)),
     )
     .await;
     assert!(took.is_some(), "expired token still allowed 1 s after expiresAt");
@@ -90,14 +90,14 @@ async fn a_new_token_is_allowed_on_its_first_request() {
         .without_token_file()
         .start()
         .await;
-    assert!(ready_within(gw.admin, Duration::from_secs(3)).await.is_some());
+    assert!(ready_within(gw.admin, patience(Duration::from_secs(3))).await.is_some());
     tokio::time::sleep(Duration::from_millis(1100)).await;
 
     u.state.add(CLIENT, "client", None);
     let created = Instant::now();
     let r = get(gw.addr, "/api/client/features", Some(CLIENT)).await;
     assert_eq!(r.status, 200, "first request with a just-created token: {}", r.text());
-    assert!(created.elapsed() < Duration::from_secs(1));
+    assert!(created.elapsed() < patience(Duration::from_secs(1)));
     assert_eq!(u.forwarded(), 1);
 }
 
@@ -111,7 +111,7 @@ async fn ten_thousand_junk_tokens_cost_a_handful_of_list_fetches_and_nothing_els
         .without_token_file()
         .start()
         .await;
-    assert!(ready_within(gw.admin, Duration::from_secs(3)).await.is_some());
+    assert!(ready_within(gw.admin, patience(Duration::from_secs(3))).await.is_some());
     let before = u.list_fetches();
     let started = Instant::now();
     let addr = gw.addr;
@@ -228,9 +228,9 @@ async fn during_an_outage_known_tokens_pass_and_a_restart_serves_from_the_snapsh
         .state_dir(state.path())
         .start()
         .await;
-    assert!(ready_within(gw.admin, Duration::from_secs(3)).await.is_some());
+    assert!(ready_within(gw.admin, patience(Duration::from_secs(3))).await.is_some());
     let snap = state.path().join(flaggate::token::snapshot::FILE_NAME);
-    assert!(within(Duration::from_secs(2), || async { snap.exists() })
+    assert!(within(patience(Duration::from_secs(2)), || async { snap.exists() })
         .await
         .is_some());
 
@@ -266,7 +266,7 @@ async fn during_an_outage_known_tokens_pass_and_a_restart_serves_from_the_snapsh
         .start()
         .await;
     assert!(
-        ready_within(gw.admin, Duration::from_secs(3)).await.is_some(),
+        ready_within(gw.admin, patience(Duration::from_secs(3))).await.is_some(),
         "ready from the snapshot"
     );
     assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 200);
@@ -291,7 +291,7 @@ async fn during_an_outage_known_tokens_pass_and_a_restart_serves_from_the_snapsh
         "/api/client/features",
         Some(CLIENT),
         401,
-        Duration::from_secs(5),
+        patience(Duration::from_secs(5)),
     )
     .await;
     assert!(took.is_some(), "recovered sync did not apply");
@@ -370,7 +370,7 @@ async fn with_a_token_file_too_readiness_still_waits_for_the_unleash_set() {
     );
     assert_eq!(r.json()["reason"], "waiting for the unleash token set");
     u.state.failure.store(0, Ordering::SeqCst);
-    assert!(ready_within(gw.admin, Duration::from_secs(5)).await.is_some());
+    assert!(ready_within(gw.admin, patience(Duration::from_secs(5))).await.is_some());
     assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 200);
     assert_eq!(get(gw.addr, "/api/frontend", Some(FRONTEND)).await.status, 200);
 }

@@ -5,7 +5,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-/// Polls `f` every 20 ms until it returns true or `limit` passes; returns the time it took.
+/// Polls `f` every 20 ms until it returns true or `limit` passes; returns the time it took. The limits
+/// here are taken as given: pass upper bounds through [`super::patience`].
 pub async fn within<F, Fut>(limit: Duration, mut f: F) -> Option<Duration>
 where
     F: FnMut() -> Fut,

@@ -194,6 +194,7 @@ async fn ready_while_serving_then_draining_at_shutdown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_cannot_starve_the_probes() {
+    let _fds = support::fd_heavy().await;
     let gw = gateway().token(CLIENT, "client").start().await;
     // More idle connections than the admin listener serves at once (256), opened before any probe.
     let mut idle = Vec::new();

@@ -16,6 +16,13 @@ pub use client::{get, raw, send, Reply};
 pub use gateway::{gateway, TestGateway, TokenSpec};
 pub use upstream::{upstream, MockUpstream, Recorded};
 
+/// Taken by tests that hold hundreds of sockets, so that two of them never run at once: all tests share
+/// one process, and together they would pass the common limit of 1,024 open files.
+pub async fn fd_heavy() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
 /// An upper time bound, stretched by the patience factor: `FLAGGATE_TEST_PATIENCE` (a float, default 1),
 /// for slow or busy machines (`FLAGGATE_TEST_PATIENCE=3 cargo test`). Every upper bound in the tests —
 /// timeouts, polling limits, `took < X` — goes through it; lower bounds (`took >= X`, "not before") and

@@ -1,11 +1,12 @@
-//! Waiting for the gateway to reach a state, and reading a Prometheus scrape.
+//! Waiting for the gateway to reach a state (metrics: see `support::metrics`).
 
 use super::client::get;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-/// Polls `f` every 20 ms until it returns true or `limit` passes; returns the time it took.
+/// Polls `f` every 20 ms until it returns true or `limit` passes; returns the time it took. The limits
+/// here are taken as given: pass upper bounds through [`super::patience`].
 pub async fn within<F, Fut>(limit: Duration, mut f: F) -> Option<Duration>
 where
     F: FnMut() -> Fut,
@@ -35,13 +36,4 @@ pub async fn status_within(
 /// Polls the admin listener's `/ready` until it answers 200.
 pub async fn ready_within(admin: SocketAddr, limit: Duration) -> Option<Duration> {
     status_within(admin, "/ready", None, 200, limit).await
-}
-
-/// The value of one series (`name{labels}` exactly as exported; labels are in alphabetical order) in a
-/// Prometheus text scrape, `None` if absent.
-pub fn sample(scrape: &str, series: &str) -> Option<f64> {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
 }

@@ -1,17 +1,18 @@
 //! The gateway is transparent for allowed requests: what the client sends reaches Unleash (minus
 //! hop-by-hop fields and client copies of forwarding headers), and what Unleash answers reaches the client
 //! byte for byte, streamed rather than buffered, over HTTP/1.1 and h2c alike.
-mod support;
+use crate::support;
+use crate::support::patience;
 
+use crate::support::client::raw_status;
+use crate::support::upstream::{event_streams, full, ok_json};
+use crate::support::{gateway, raw, send, upstream};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::time::Duration;
-use support::client::raw_status;
-use support::upstream::{event_streams, full, ok_json};
-use support::{gateway, raw, send, upstream};
 
 const CLIENT: &str = "*:development.transparency-client-0123456789abcdef";
 
@@ -395,7 +396,7 @@ async fn server_sent_events_are_streamed_event_by_event() {
     let ev2 = "event: unleash-updated\ndata: {\"id\":2}\n\n";
     events.send(Bytes::from(ev1)).await.unwrap();
 
-    let resp = tokio::time::timeout(Duration::from_secs(5), pending)
+    let resp = tokio::time::timeout(patience(Duration::from_secs(5)), pending)
         .await
         .expect("response head did not arrive while the stream is open")
         .unwrap()
@@ -404,7 +405,7 @@ async fn server_sent_events_are_streamed_event_by_event() {
     assert_eq!(resp.headers()["content-type"], "text/event-stream");
     let mut body = resp.into_body();
     let mut acc = Vec::new();
-    read_until(&mut body, &mut acc, "\"id\":1", Duration::from_secs(3)).await;
+    read_until(&mut body, &mut acc, "\"id\":1", patience(Duration::from_secs(3))).await;
     assert_eq!(
         String::from_utf8_lossy(&acc),
         ev1,
@@ -412,11 +413,11 @@ async fn server_sent_events_are_streamed_event_by_event() {
     );
 
     events.send(Bytes::from(ev2)).await.unwrap();
-    read_until(&mut body, &mut acc, "\"id\":2", Duration::from_secs(3)).await;
+    read_until(&mut body, &mut acc, "\"id\":2", patience(Duration::from_secs(3))).await;
     assert_eq!(String::from_utf8_lossy(&acc), format!("{ev1}{ev2}"));
 
     drop(events);
-    let end = tokio::time::timeout(Duration::from_secs(3), body.collect())
+    let end = tokio::time::timeout(patience(Duration::from_secs(3)), body.collect())
         .await
         .expect("stream did not end after upstream closed it")
         .expect("clean end");
@@ -442,7 +443,7 @@ async fn a_started_stream_outlives_the_upstream_timeout() {
     let pending = tokio::spawn(client.request(req));
     let events = streams.next().await;
     events.send(Bytes::from("data: 1\n\n")).await.unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(5), pending)
+    let resp = tokio::time::timeout(patience(Duration::from_secs(5)), pending)
         .await
         .expect("no response head")
         .unwrap()
@@ -450,11 +451,17 @@ async fn a_started_stream_outlives_the_upstream_timeout() {
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let mut acc = Vec::new();
-    read_until(&mut body, &mut acc, "data: 1", Duration::from_secs(3)).await;
+    read_until(&mut body, &mut acc, "data: 1", patience(Duration::from_secs(3))).await;
     for i in 2..=3 {
         tokio::time::sleep(Duration::from_millis(400)).await;
         events.send(Bytes::from(format!("data: {i}\n\n"))).await.unwrap();
-        read_until(&mut body, &mut acc, &format!("data: {i}"), Duration::from_secs(3)).await;
+        read_until(
+            &mut body,
+            &mut acc,
+            &format!("data: {i}"),
+            patience(Duration::from_secs(3)),
+        )
+        .await;
     }
     assert_eq!(String::from_utf8_lossy(&acc), "data: 1\n\ndata: 2\n\ndata: 3\n\n");
 }
@@ -495,7 +502,7 @@ async fn h2c_prior_knowledge_clients_are_served_and_forwarded_as_http11() {
         .header("authorization", CLIENT)
         .body(empty())
         .unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+    let resp = tokio::time::timeout(patience(Duration::from_secs(10)), client.request(req))
         .await
         .expect("h2c request timed out")
         .expect("h2c request failed");

@@ -1,12 +1,12 @@
 //! The token × route matrix from the Unleash 7.5.1 ground truth (`shared/unleash-7.5.1/matrix.md`),
 //! against the gateway's documented policy: every denial is decided here and never reaches upstream.
-mod support;
+use crate::support;
 
+use crate::support::upstream::ok_json;
+use crate::support::{gateway, send, upstream, TokenSpec};
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
-use support::upstream::ok_json;
-use support::{gateway, send, upstream, TokenSpec};
 
 const CLIENT: &str = "*:development.0123456789abcdef0123456789abcdef0123456789abcdef01234567";
 const BACKEND: &str = "default:production.backend-0123456789abcdef";

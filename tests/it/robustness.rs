@@ -1,13 +1,14 @@
 //! Nothing a client can put on the wire makes the gateway panic, hang, answer 5xx, or forward a
 //! non-canonical path: hundreds of random requests over raw TCP, then a normal request still works.
-mod support;
+use crate::support;
+use crate::support::patience;
 
+use crate::support::client::raw_status;
+use crate::support::upstream::ok_json;
+use crate::support::{gateway, raw, upstream};
 use std::net::SocketAddr;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
-use support::client::raw_status;
-use support::upstream::ok_json;
-use support::{gateway, raw, upstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CLIENT: &str = "*:development.robustness-client-0123456789abcdef";
@@ -42,7 +43,7 @@ async fn exchange(addr: SocketAddr, bytes: &[u8]) -> Outcome {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let _ = s.write_all(bytes).await;
     let mut out = Vec::new();
-    match tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await {
+    match tokio::time::timeout(patience(Duration::from_secs(5)), s.read_to_end(&mut out)).await {
         Err(_) => Outcome::Hung,
         Ok(_) if out.is_empty() => Outcome::Closed,
         Ok(_) => {

@@ -1,53 +1,18 @@
 //! What operators see: exact metric deltas per decision, the access log line field by field, no secret
 //! anywhere, and a dashboard and alert rules that only query metrics that exist.
-mod support;
+use crate::support;
 
+use crate::support::metrics::scrape;
+use crate::support::patience;
+use crate::support::upstream::ok_json;
+use crate::support::{gateway, get, send, upstream};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
-use support::upstream::ok_json;
-use support::{gateway, get, send, upstream};
 
 const CLIENT: &str = "*:development.telemetry-client-secret-0123456789";
 const FRONTEND: &str = "default:development.telemetry-frontend-secret-0123456789";
 const UNKNOWN: &str = "*:development.telemetry-unknown-secret-0123456789";
-
-/// Every log line this test process writes, as JSON.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn logs() -> &'static Capture {
-    static CAP: OnceLock<Capture> = OnceLock::new();
-    CAP.get_or_init(|| {
-        let cap = Capture::default();
-        let writer = cap.clone();
-        flaggate::telemetry::init_logging_to(flaggate::config::LogFormat::Json, None, move || writer.clone());
-        cap
-    })
-}
-
-fn log_lines() -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(&logs().0.lock().unwrap())
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn sample(scrape: &str, series: &str) -> f64 {
-    support::poll::sample(scrape, series).unwrap_or(0.0)
-}
 
 async fn request(addr: std::net::SocketAddr, path: &str, token: Option<&str>, id: &str) -> u16 {
     let mut b = Request::get(format!("http://{addr}{path}"))
@@ -63,7 +28,7 @@ async fn request(addr: std::net::SocketAddr, path: &str, token: Option<&str>, id
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_decision_moves_exactly_its_counters_and_writes_one_complete_log_line() {
-    logs();
+    support::logs::capture();
     let up = upstream().route("*", |_| ok_json(r#"{"features":[]}"#)).run().await;
     let gw = gateway()
         .upstream(up.url())
@@ -77,7 +42,7 @@ async fn each_decision_moves_exactly_its_counters_and_writes_one_complete_log_li
         .start()
         .await;
 
-    let before = get(gw.admin, "/metrics", None).await.text();
+    let before = scrape(gw.admin).await;
     assert_eq!(
         request(gw.addr, "/api/client/features", Some(CLIENT), "t-allowed").await,
         200
@@ -102,10 +67,12 @@ async fn each_decision_moves_exactly_its_counters_and_writes_one_complete_log_li
         request(dead.addr, "/api/client/features", Some(CLIENT), "t-upstream").await,
         502
     );
-    let after = get(gw.admin, "/metrics", None).await.text();
-    let dead_scrape = get(dead.admin, "/metrics", None).await.text();
+    let after = scrape(gw.admin).await;
+    let dead_scrape = scrape(dead.admin).await;
 
-    let delta = |series: &str| sample(&after, series) - sample(&before, series);
+    // Series with free-form labels (requests by status, durations by class, apps) appear with their first
+    // event: absent before the requests means 0 then. After them, every series asserted on must exist.
+    let delta = |series: &str| after.value(series) - before.get(series).unwrap_or(0.0);
     let req = |class: &str, status: u16, decision: &str| {
         // The exposition orders labels alphabetically.
         format!("flaggate_requests_total{{decision=\"{decision}\",method=\"GET\",route_class=\"{class}\",status=\"{status}\"}}")
@@ -114,7 +81,7 @@ async fn each_decision_moves_exactly_its_counters_and_writes_one_complete_log_li
     assert_eq!(delta(&req("client", 401, "unauthenticated")), 1.0);
     assert_eq!(delta(&req("client", 403, "forbidden")), 1.0);
     assert_eq!(delta(&req("none", 400, "bad_request")), 1.0);
-    assert_eq!(sample(&dead_scrape, &req("client", 502, "upstream_error")), 1.0);
+    assert_eq!(dead_scrape.value(&req("client", 502, "upstream_error")), 1.0);
     assert_eq!(
         delta("flaggate_request_duration_seconds_count{route_class=\"client\"}"),
         4.0
@@ -133,21 +100,33 @@ async fn each_decision_moves_exactly_its_counters_and_writes_one_complete_log_li
     // Only a known token may name an app (the two allowed and the forbidden one): an unknown token, or a
     // request refused before its token was looked at, cannot fill the bounded label set with junk.
     assert_eq!(delta("flaggate_sdk_requests_total{app=\"checkout-service\"}"), 3.0);
-    assert_eq!(sample(&after, "flaggate_inflight_requests"), 0.0);
-    assert_eq!(sample(&after, "flaggate_ready"), 1.0);
-    assert_eq!(sample(&after, "flaggate_tokens{kind=\"client\",source=\"file\"}"), 1.0);
+    assert_eq!(after.value("flaggate_inflight_requests"), 0.0);
+    assert_eq!(after.value("flaggate_ready"), 1.0);
+    assert_eq!(after.value("flaggate_tokens{kind=\"client\",source=\"file\"}"), 1.0);
     assert!(
-        sample(&after, "flaggate_upstream_connections") >= 1.0,
+        after.value("flaggate_upstream_connections") >= 1.0,
         "pooled connection counted"
     );
-    assert!(after.contains("flaggate_build_info{version=\""));
+    assert!(after.text.contains("flaggate_build_info{version=\""));
     assert!(
-        after.contains("process_resident_memory_bytes") || after.contains("flaggate_process_resident_memory_bytes")
+        after.text.contains("process_resident_memory_bytes")
+            || after.text.contains("flaggate_process_resident_memory_bytes")
     );
 
-    // One access-log line per request, written when the body is done; give the writer a moment.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let lines = log_lines();
+    // One access-log line per request, written when the body is done: wait until each is there.
+    for id in [
+        "t-allowed",
+        "t-allowed-2",
+        "t-unauth",
+        "t-forbidden",
+        "t-bad",
+        "t-upstream",
+    ] {
+        support::logs::find(patience(std::time::Duration::from_secs(5)), |l| l["request_id"] == id)
+            .await
+            .unwrap_or_else(|| panic!("no access line for {id}:\n{}", support::logs::tail(40)));
+    }
+    let lines = support::logs::lines();
     let line = |id: &str| {
         let found: Vec<_> = lines.iter().filter(|l| l["request_id"] == id).collect();
         assert_eq!(found.len(), 1, "exactly one access line for {id}");
@@ -209,10 +188,14 @@ async fn each_decision_moves_exactly_its_counters_and_writes_one_complete_log_li
 
     // The upstream saw our request id, and no secret leaked into any scrape or log line.
     assert!(up.seen().iter().any(|r| r.header("x-request-id") == Some("t-allowed")));
-    let all_logs = String::from_utf8_lossy(&logs().0.lock().unwrap()).into_owned();
+    let all_logs = support::logs::text();
     for secret in [CLIENT, FRONTEND, UNKNOWN] {
         let tail = secret.rsplit('.').next().unwrap();
-        for (what, text) in [("scrape", &after), ("dead scrape", &dead_scrape), ("logs", &all_logs)] {
+        for (what, text) in [
+            ("scrape", &after.text),
+            ("dead scrape", &dead_scrape.text),
+            ("logs", &all_logs),
+        ] {
             assert!(!text.contains(tail), "{what} contains a token secret");
         }
     }

@@ -1,13 +1,11 @@
 //! One canonical path, authorized and forwarded byte for byte; everything else is a 400 that never
 //! reaches upstream.
-mod support;
-
+use crate::support::client::raw_status;
+use crate::support::upstream::ok_json;
+use crate::support::{gateway, raw, upstream};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config as PtConfig, TestRunner};
-use support::client::raw_status;
-use support::upstream::ok_json;
-use support::{gateway, raw, upstream};
 
 const ADMIN: &str = "*:*.admin-canonical-0123456789";
 const CLIENT: &str = "*:development.client-canonical-0123456789";

@@ -1,6 +1,7 @@
 //! A recording mock Unleash: `upstream().route("/api/client/features", |r| ok_json(..)).run().await`.
 //! It lets a test say "upstream saw exactly this" or "upstream saw nothing".
 
+use super::patience;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use http_body_util::combinators::BoxBody;
@@ -228,9 +229,9 @@ pub fn event_stream() -> (mpsc::Sender<Bytes>, Response<MockBody>) {
 pub struct EventStreams(mpsc::UnboundedReceiver<mpsc::Sender<Bytes>>);
 
 impl EventStreams {
-    /// The sender of the next stream opened (within 5 s).
+    /// The sender of the next stream opened (within 5 s, times the patience).
     pub async fn next(&mut self) -> mpsc::Sender<Bytes> {
-        tokio::time::timeout(std::time::Duration::from_secs(5), self.0.recv())
+        tokio::time::timeout(patience(std::time::Duration::from_secs(5)), self.0.recv())
             .await
             .expect("upstream never got the stream request")
             .expect("the route was dropped")

@@ -1,12 +1,10 @@
 //! The binary as operators and newcomers meet it: config errors, `check-config`, `token explain`, and
 //! `flaggate demo` whose printed curl lines must give the statuses they promise.
 
-mod support;
-
-use std::io::{BufRead, BufReader};
+use crate::support::binary::{flaggate, spawn_command};
+use crate::support::patience;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-use support::binary::flaggate;
+use std::time::Duration;
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
     let p = dir.path().join(name);
@@ -192,31 +190,9 @@ fn demo_prints_curl_lines_that_give_the_statuses_they_claim() {
     if Command::new("curl").arg("--version").output().is_err() {
         panic!("curl is required for this test (CI installs it)");
     }
-    let mut child = flaggate()
-        .args([
-            "demo",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .current_dir(tempfile::tempdir().unwrap().path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for line in BufReader::new(stdout).lines() {
-        let line = line.unwrap();
-        if line.contains("press Ctrl-C") || Instant::now() > deadline {
-            break;
-        }
-        lines.push(line);
-    }
+    let dir = tempfile::tempdir().unwrap();
+    let demo = spawn_command(flaggate().arg("demo").current_dir(dir.path()));
+    let lines = demo.stdout_until(patience(Duration::from_secs(30)), |l| l.contains("press Ctrl-C"));
     let curls: Vec<(String, u16)> = lines
         .iter()
         .filter(|l| l.trim_start().starts_with("curl "))
@@ -241,8 +217,7 @@ fn demo_prints_curl_lines_that_give_the_statuses_they_claim() {
             failures.push(format!("{cmd}: got {got}, demo promised {want}"));
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(demo);
     assert!(failures.is_empty(), "{failures:#?}");
 }
 

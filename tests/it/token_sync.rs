@@ -1,14 +1,16 @@
 //! The Unleash token source against a mock Unleash: revocation, expiry, new tokens, junk floods, PATs,
 //! outage with snapshot restarts, and ETag economy.
-mod support;
-
+use crate::support::metrics::{metric, metric_eventually, scrape};
+use crate::support::patience;
+use crate::support::poll::{ready_within, status_within, within};
+use crate::support::unleash::mock_unleash;
+use crate::support::{gateway, get};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use support::poll::{ready_within, status_within, within};
-use support::unleash::mock_unleash;
-use support::{gateway, get};
 
 const CLIENT: &str = "*:development.sync-client-0123456789abcdef";
+/// Failed token-list fetches (registered at 0, so present from the start).
+const SYNC_ERRORS: &str = "flaggate_token_sync_total{result=\"error\"}";
 const FRONTEND: &str = "default:development.sync-frontend-0123456789abcdef";
 
 fn rfc3339_in(secs: i64) -> (i64, String) {
@@ -31,7 +33,7 @@ async fn a_token_deleted_upstream_is_denied_within_interval_plus_one_second() {
         .start()
         .await;
     assert!(
-        ready_within(gw.admin, Duration::from_secs(3)).await.is_some(),
+        ready_within(gw.admin, patience(Duration::from_secs(3))).await.is_some(),
         "ready after first sync"
     );
     assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 200);
@@ -42,7 +44,7 @@ async fn a_token_deleted_upstream_is_denied_within_interval_plus_one_second() {
         "/api/client/features",
         Some(CLIENT),
         401,
-        Duration::from_secs(2),
+        patience(Duration::from_secs(2)),
     )
     .await;
     assert!(took.is_some(), "deleted token still allowed after sync interval + 1 s");
@@ -59,7 +61,7 @@ async fn a_token_is_denied_within_one_second_of_its_expiry() {
         .without_token_file()
         .start()
         .await;
-    assert!(ready_within(gw.admin, Duration::from_secs(3)).await.is_some());
+    assert!(ready_within(gw.admin, patience(Duration::from_secs(3))).await.is_some());
     assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 200);
     // Wait for the expiry second, then the token must be refused within 1 s, with no sync in between.
     let until = std::time::UNIX_EPOCH + Duration::from_secs(expiry as u64);
@@ -71,7 +73,7 @@ async fn a_token_is_denied_within_one_second_of_its_expiry() {
         "/api/client/features",
         Some(CLIENT),
         401,
-        Duration::from_secs(1),
+        patience(Duration::from_secs(1)),
     )
     .await;
     assert!(took.is_some(), "expired token still allowed 1 s after expiresAt");
@@ -88,14 +90,14 @@ async fn a_new_token_is_allowed_on_its_first_request() {
         .without_token_file()
         .start()
         .await;
-    assert!(ready_within(gw.admin, Duration::from_secs(3)).await.is_some());
+    assert!(ready_within(gw.admin, patience(Duration::from_secs(3))).await.is_some());
     tokio::time::sleep(Duration::from_millis(1100)).await;
 
     u.state.add(CLIENT, "client", None);
     let created = Instant::now();
     let r = get(gw.addr, "/api/client/features", Some(CLIENT)).await;
     assert_eq!(r.status, 200, "first request with a just-created token: {}", r.text());
-    assert!(created.elapsed() < Duration::from_secs(1));
+    assert!(created.elapsed() < patience(Duration::from_secs(1)));
     assert_eq!(u.forwarded(), 1);
 }
 
@@ -109,7 +111,7 @@ async fn ten_thousand_junk_tokens_cost_a_handful_of_list_fetches_and_nothing_els
         .without_token_file()
         .start()
         .await;
-    assert!(ready_within(gw.admin, Duration::from_secs(3)).await.is_some());
+    assert!(ready_within(gw.admin, patience(Duration::from_secs(3))).await.is_some());
     let before = u.list_fetches();
     let started = Instant::now();
     let addr = gw.addr;
@@ -226,15 +228,18 @@ async fn during_an_outage_known_tokens_pass_and_a_restart_serves_from_the_snapsh
         .state_dir(state.path())
         .start()
         .await;
-    assert!(ready_within(gw.admin, Duration::from_secs(3)).await.is_some());
+    assert!(ready_within(gw.admin, patience(Duration::from_secs(3))).await.is_some());
     let snap = state.path().join(flaggate::token::snapshot::FILE_NAME);
-    assert!(within(Duration::from_secs(2), || async { snap.exists() })
+    assert!(within(patience(Duration::from_secs(2)), || async { snap.exists() })
         .await
         .is_some());
 
     for failure in [503u16, 200 /* garbage body */] {
+        let errors = metric(gw.admin, SYNC_ERRORS).await;
         u.state.failure.store(failure, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(900)).await;
+        // The gateway has met this failure (a sync may be backing off from the previous one).
+        metric_eventually(gw.admin, SYNC_ERRORS, |v| v > errors, patience(Duration::from_secs(5))).await;
         assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 200);
         assert_eq!(
             get(gw.addr, "/api/client/features", Some("*:development.unknown"))
@@ -248,11 +253,8 @@ async fn during_an_outage_known_tokens_pass_and_a_restart_serves_from_the_snapsh
             "stays ready on the last good set"
         );
     }
-    let metrics = get(gw.admin, "/metrics", None).await.text();
-    assert!(
-        metrics.contains("flaggate_token_sync_total{result=\"error\"}"),
-        "{metrics}"
-    );
+    // Registered at 0 from the start: the failed syncs must have counted.
+    assert!(metric(gw.admin, SYNC_ERRORS).await >= 1.0);
     drop(gw);
 
     // Restart while Unleash is still down: the snapshot serves.
@@ -264,7 +266,7 @@ async fn during_an_outage_known_tokens_pass_and_a_restart_serves_from_the_snapsh
         .start()
         .await;
     assert!(
-        ready_within(gw.admin, Duration::from_secs(3)).await.is_some(),
+        ready_within(gw.admin, patience(Duration::from_secs(3))).await.is_some(),
         "ready from the snapshot"
     );
     assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 200);
@@ -289,7 +291,7 @@ async fn during_an_outage_known_tokens_pass_and_a_restart_serves_from_the_snapsh
         "/api/client/features",
         Some(CLIENT),
         401,
-        Duration::from_secs(5),
+        patience(Duration::from_secs(5)),
     )
     .await;
     assert!(took.is_some(), "recovered sync did not apply");
@@ -311,17 +313,10 @@ async fn an_unchanged_token_list_costs_a_304() {
     assert!(list.len() >= 4, "polls every interval: {}", list.len());
     assert!(list[0].header("if-none-match").is_none());
     assert!(list[1..].iter().all(|r| r.header("if-none-match") == Some("W/\"v1\"")));
-    let metrics = get(gw.admin, "/metrics", None).await.text();
-    let line = metrics
-        .lines()
-        .find(|l| l.starts_with("flaggate_token_sync_total{result=\"unchanged\"}"))
-        .expect("unchanged syncs counted");
-    let unchanged: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
-    assert!(unchanged >= 3.0, "{line}");
-    assert!(
-        metrics.contains("flaggate_token_sync_total{result=\"ok\"} 1"),
-        "{metrics}"
-    );
+    let metrics = scrape(gw.admin).await;
+    let unchanged = metrics.value("flaggate_token_sync_total{result=\"unchanged\"}");
+    assert!(unchanged >= 3.0, "unchanged syncs counted: {unchanged}");
+    assert_eq!(metrics.value("flaggate_token_sync_total{result=\"ok\"}"), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,15 +332,21 @@ async fn a_rejected_upstream_token_is_a_distinct_error_and_never_ready() {
         .start()
         .await;
     tokio::time::sleep(Duration::from_millis(800)).await;
+    // Syncs ran and were rejected (not merely not yet tried).
+    metric_eventually(
+        gw.admin,
+        "flaggate_token_sync_total{result=\"rejected\"}",
+        |v| v >= 1.0,
+        patience(Duration::from_secs(3)),
+    )
+    .await;
     let r = get(gw.admin, "/ready", None).await;
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["reason"], "no token set loaded yet");
-    let metrics = get(gw.admin, "/metrics", None).await.text();
-    assert!(
-        metrics.contains("flaggate_token_sync_total{result=\"rejected\"}"),
-        "{metrics}"
-    );
-    assert!(!metrics.contains("wrong-token"));
+    let metrics = scrape(gw.admin).await;
+    // Registered at 0 from the start: the rejected syncs must have counted.
+    assert!(metrics.value("flaggate_token_sync_total{result=\"rejected\"}") >= 1.0);
+    assert!(!metrics.text.contains("wrong-token"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,6 +361,8 @@ async fn with_a_token_file_too_readiness_still_waits_for_the_unleash_set() {
         .start()
         .await;
     tokio::time::sleep(Duration::from_millis(600)).await;
+    // Syncs ran and failed (not merely not yet tried).
+    metric_eventually(gw.admin, SYNC_ERRORS, |v| v >= 1.0, patience(Duration::from_secs(3))).await;
     let r = get(gw.admin, "/ready", None).await;
     assert_eq!(
         r.status, 503,
@@ -367,7 +370,7 @@ async fn with_a_token_file_too_readiness_still_waits_for_the_unleash_set() {
     );
     assert_eq!(r.json()["reason"], "waiting for the unleash token set");
     u.state.failure.store(0, Ordering::SeqCst);
-    assert!(ready_within(gw.admin, Duration::from_secs(5)).await.is_some());
+    assert!(ready_within(gw.admin, patience(Duration::from_secs(5))).await.is_some());
     assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 200);
     assert_eq!(get(gw.addr, "/api/frontend", Some(FRONTEND)).await.status, 200);
 }

@@ -2,11 +2,9 @@
 //! request smuggling, header abuse, path-override spoofing, odd targets and methods. Each case asserts
 //! the status, what the upstream saw (nothing, or exactly the canonical request), and that a fresh
 //! connection afterwards is served normally.
-mod support;
-
-use support::client::raw_status;
-use support::upstream::ok_json;
-use support::{gateway, raw, upstream, MockUpstream, TestGateway};
+use crate::support::client::raw_status;
+use crate::support::upstream::ok_json;
+use crate::support::{gateway, raw, upstream, MockUpstream, TestGateway};
 
 const CLIENT: &str = "*:development.hardening-client-0123456789abcdef";
 

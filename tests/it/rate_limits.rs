@@ -1,11 +1,11 @@
 //! Per-token rate limits, and a junk-token flood that must not starve a well-behaved SDK.
-mod support;
-
+use crate::support::metrics::metric;
+use crate::support::patience;
+use crate::support::upstream::ok_json;
+use crate::support::{gateway, get, upstream};
 use bytes::Bytes;
 use http_body_util::Full;
 use std::time::{Duration, Instant};
-use support::upstream::ok_json;
-use support::{gateway, get, upstream};
 
 const FRONTEND_A: &str = "default:development.rl-frontend-a-0123456789";
 const FRONTEND_B: &str = "default:development.rl-frontend-b-0123456789";
@@ -59,10 +59,13 @@ async fn over_the_limit_is_429_with_retry_after_and_buckets_are_per_token() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(get(gw.addr, "/api/frontend", Some(FRONTEND_A)).await.status, 200);
 
-    let m = get(gw.admin, "/metrics", None).await.text();
-    assert!(
-        m.contains("flaggate_requests_total{decision=\"rate_limited\",method=\"GET\",route_class=\"frontend\",status=\"429\"} 1"),
-        "{m}"
+    assert_eq!(
+        metric(
+            gw.admin,
+            "flaggate_requests_total{decision=\"rate_limited\",method=\"GET\",route_class=\"frontend\",status=\"429\"}"
+        )
+        .await,
+        1.0
     );
 }
 
@@ -123,7 +126,7 @@ async fn a_junk_token_flood_does_not_starve_a_polling_sdk_and_memory_stays_bound
     eprintln!("flood: {junk} junk requests, {polls} SDK polls, worst poll {worst:?}, RSS growth {growth_mb:.1} MB");
     assert!(junk > 1000, "the flood did not flood ({junk})");
     assert!(polls >= 20);
-    assert!(worst < Duration::from_secs(1), "SDK poll took {worst:?}");
+    assert!(worst < patience(Duration::from_secs(1)), "SDK poll took {worst:?}");
     assert_eq!(up.count(), polls, "only the SDK's requests reached upstream");
     assert!(growth_mb < 64.0, "RSS grew {growth_mb:.1} MB during the flood");
 }

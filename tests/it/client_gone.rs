@@ -1,58 +1,27 @@
 //! A client that leaves mid-request still leaves a trace: every request is logged and counted whatever
 //! its fate (status 499, decision `client_gone`), its connection's timeouts keep working, and a client
 //! that abandons forwarded requests in a loop is cut off without costing Unleash a new connection each.
-mod support;
+use crate::support;
+use crate::support::patience;
 
+use crate::support::client::h2;
+use crate::support::metrics::{metric, metric_eventually, scrape};
+use crate::support::poll::within;
+use crate::support::upstream::ok_json;
+use crate::support::{gateway, upstream};
 use bytes::Bytes;
 use http_body_util::Full;
-use std::io::Write;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
-use support::client::h2;
-use support::poll::within;
-use support::upstream::ok_json;
-use support::{gateway, get, upstream};
 use tokio::io::AsyncWriteExt;
 
 const CLIENT: &str = "*:development.gone-client-0123456789abcdef";
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn logs() -> &'static Capture {
-    static CAP: OnceLock<Capture> = OnceLock::new();
-    CAP.get_or_init(|| {
-        let cap = Capture::default();
-        let writer = cap.clone();
-        flaggate::telemetry::init_logging_to(flaggate::config::LogFormat::Json, None, move || writer.clone());
-        cap
-    })
-}
-
 /// The access-log line of the request with this id, once written.
 async fn access_line(id: &str) -> Option<serde_json::Value> {
-    let mut found = None;
-    within(Duration::from_secs(5), || {
-        let line = String::from_utf8_lossy(&logs().0.lock().unwrap())
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|l| l["target"] == "flaggate::access" && l["request_id"] == id);
-        let got = line.is_some();
-        found = line;
-        async move { got }
+    support::logs::find(patience(Duration::from_secs(5)), |l| {
+        l["target"] == "flaggate::access" && l["request_id"] == id
     })
-    .await;
-    found
+    .await
 }
 
 fn features(addr: std::net::SocketAddr, id: &str) -> http::Request<Full<Bytes>> {
@@ -63,17 +32,12 @@ fn features(addr: std::net::SocketAddr, id: &str) -> http::Request<Full<Bytes>> 
         .unwrap()
 }
 
-fn gone_series(scrape: &str) -> f64 {
-    support::poll::sample(
-        scrape,
-        "flaggate_requests_total{decision=\"client_gone\",method=\"GET\",route_class=\"client\",status=\"499\"}",
-    )
-    .unwrap_or(0.0)
-}
+const GONE: &str =
+    "flaggate_requests_total{decision=\"client_gone\",method=\"GET\",route_class=\"client\",status=\"499\"}";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_whose_client_leaves_is_logged_and_counted_and_its_h2_connection_still_times_out() {
-    logs();
+    support::logs::capture();
     let up = upstream()
         .delay("/api/client/features", Duration::from_millis(600))
         .route("*", |_| ok_json(r#"{"features":[]}"#))
@@ -89,6 +53,7 @@ async fn a_request_whose_client_leaves_is_logged_and_counted_and_its_h2_connecti
     // HTTP/2: the client resets the stream while Unleash is still answering.
     let mut conn = h2(gw.addr).await;
     conn.ready().await.unwrap();
+    // 150 ms is the client's patience here, set well under the upstream's 600 ms: not a bound to stretch.
     let gave_up = tokio::time::timeout(
         Duration::from_millis(150),
         conn.send_request(features(gw.addr, "gone-h2")),
@@ -107,7 +72,7 @@ async fn a_request_whose_client_leaves_is_logged_and_counted_and_its_h2_connecti
         "forwarded, so upstream time is known: {line}"
     );
     // The connection's in-flight count came back to zero: its idle timeout applies again.
-    let closed = within(Duration::from_secs(5), || {
+    let closed = within(patience(Duration::from_secs(5)), || {
         let closed = conn.is_closed();
         async move { closed }
     })
@@ -130,23 +95,23 @@ async fn a_request_whose_client_leaves_is_logged_and_counted_and_its_h2_connecti
         .expect("no access-log line for an HTTP/1.1 client that hung up");
     assert_eq!(line["status"], 499, "{line}");
 
-    let scrape = get(gw.admin, "/metrics", None).await.text();
-    assert_eq!(gone_series(&scrape), 2.0, "both departures counted");
-    assert_eq!(support::poll::sample(&scrape, "flaggate_inflight_requests"), Some(0.0));
+    let scrape = scrape(gw.admin).await;
+    assert_eq!(scrape.value(GONE), 2.0, "both departures counted");
+    assert_eq!(scrape.value("flaggate_inflight_requests"), 0.0);
     // Unleash saw both, and each exchange was finished in the background rather than cut.
-    let admin = gw.admin;
-    let finished = within(Duration::from_secs(3), || async move {
-        let scrape = get(admin, "/metrics", None).await.text();
-        support::poll::sample(&scrape, "flaggate_upstream_inflight") == Some(0.0)
-    })
+    metric_eventually(
+        gw.admin,
+        "flaggate_upstream_inflight",
+        |v| v == 0.0,
+        patience(Duration::from_secs(3)),
+    )
     .await;
-    assert!(finished.is_some());
     assert_eq!(up.count(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_resetting_forwarded_streams_is_cut_off_past_its_budget_without_upstream_connection_churn() {
-    logs();
+    support::logs::capture();
     let up = upstream()
         .delay("/api/client/features", Duration::from_millis(30))
         .route("*", |_| ok_json(r#"{"features":[]}"#))
@@ -167,7 +132,7 @@ async fn a_client_resetting_forwarded_streams_is_cut_off_past_its_budget_without
         .await;
         sent += 1;
     }
-    let closed = within(Duration::from_secs(5), || {
+    let closed = within(patience(Duration::from_secs(5)), || {
         let closed = conn.is_closed();
         async move { closed }
     })
@@ -179,10 +144,9 @@ async fn a_client_resetting_forwarded_streams_is_cut_off_past_its_budget_without
     let budget = 100;
     assert!(sent > budget, "cut off after only {sent} resets");
     assert!(sent < 300, "{sent} resets before the connection was cut");
-    let scrape = get(gw.admin, "/metrics", None).await.text();
     assert_eq!(
-        support::poll::sample(&scrape, "flaggate_connections_closed_total{reason=\"cancel_budget\"}"),
-        Some(1.0)
+        metric(gw.admin, "flaggate_connections_closed_total{reason=\"cancel_budget\"}").await,
+        1.0
     );
     // Each abandoned exchange was finished and its connection kept in the pool: a handful of upstream
     // connections, not one per reset.

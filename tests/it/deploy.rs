@@ -17,17 +17,16 @@
 //! (deploy/lint.sh lints the same files with hadolint, yamllint, kubernetes-validate, compose, promtool —
 //! check and test — and systemd-analyze.)
 
-mod support;
-
+use crate::support::binary::{flaggate, refusing_port, spawn};
+use crate::support::patience;
 use serde::Deserialize;
 use serde_yaml_ng::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-use support::binary::flaggate;
 
 // ---------------------------------------------------------------- the binary
 
@@ -718,21 +717,9 @@ fn ports_and_probe_paths_are_the_binarys_defaults_and_endpoints() {
 
 // ---------------------------------------------------------------- the endpoints are real
 
-struct Running(Child);
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn get(port: u16, path: &str) -> Option<u16> {
-    let mut c = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+fn get(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut c = TcpStream::connect(addr).ok()?;
+    c.set_read_timeout(Some(patience(Duration::from_secs(5)))).ok()?;
     write!(c, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
     let mut buf = String::new();
     c.read_to_string(&mut buf).ok()?;
@@ -765,27 +752,20 @@ fn the_probe_and_scrape_paths_answer_on_a_running_gateway() {
     let dir = tempfile::tempdir().unwrap();
     let tokens = dir.path().join("tokens.yaml");
     std::fs::write(&tokens, "tokens: []\n").unwrap();
-    let (proxy, admin) = (free_port(), free_port());
-    let child = flaggate()
-        .args(["run", "--token-file"])
-        .arg(&tokens)
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{proxy}"),
-            "--admin-listen",
-            &format!("127.0.0.1:{admin}"),
-        ])
-        .args(["--upstream", "http://127.0.0.1:9", "--log-format", "json"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _running = Running(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let gw = spawn(&[
+        "run",
+        "--token-file",
+        tokens.to_str().unwrap(),
+        "--upstream",
+        "http://127.0.0.1:9",
+    ]);
+    let admin = gw.admin;
+    let limit = patience(Duration::from_secs(20));
+    let deadline = Instant::now() + limit;
     while get(admin, "/ready") != Some(200) {
         assert!(
             Instant::now() < deadline,
-            "the gateway's /ready did not answer 200 within 20 s"
+            "the gateway's /ready did not answer 200 within {limit:?}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -804,17 +784,16 @@ fn the_probe_and_scrape_paths_answer_on_a_running_gateway() {
     let help = run_help();
     let admin_env = help.env_of("admin-listen");
     let image_admin = &docker_env()[&admin_env];
-    let probe_addr = format!("{}:{admin}", image_admin.rsplit_once(':').unwrap().0);
+    let probe_addr = format!("{}:{}", image_admin.rsplit_once(':').unwrap().0, admin.port());
     let out = output(flaggate().args(&hc[1..]).env(&admin_env, &probe_addr));
     assert!(
         out.status.success(),
         "HEALTHCHECK {hc:?} with {admin_env}={probe_addr} failed: {out:?}"
     );
-    let out = output(
-        flaggate()
-            .args(&hc[1..])
-            .env(&admin_env, format!("127.0.0.1:{}", free_port())),
-    );
+    // A port held by a socket that does not listen: connections are refused, and no other process can
+    // start answering there meanwhile.
+    let (_held, refusing) = refusing_port();
+    let out = output(flaggate().args(&hc[1..]).env(&admin_env, refusing.to_string()));
     assert!(!out.status.success(), "HEALTHCHECK must fail when nothing answers");
 }
 

@@ -1,16 +1,17 @@
 //! TLS termination and TLS to the upstream, with certificates generated here.
-mod support;
-
+use crate::support;
+use crate::support::patience;
+use crate::support::poll::within;
+use crate::support::tls::{connect, Ca};
+use crate::support::upstream::ok_json;
+use crate::support::{gateway, get, upstream};
 use std::time::Duration;
-use support::poll::within;
-use support::tls::{connect, Ca};
-use support::upstream::ok_json;
-use support::{gateway, get, upstream};
 
 const CLIENT: &str = "*:development.tls-client-0123456789abcdef";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_with_h2_and_http1_and_certificate_hot_swap() {
+    support::logs::capture();
     let up = upstream().route("*", |_| ok_json(r#"{"via":"tls"}"#)).run().await;
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("test CA");
@@ -47,7 +48,7 @@ async fn https_with_h2_and_http1_and_certificate_hot_swap() {
     let second = ca.leaf("second");
     std::fs::write(&key, &second.key_pem).unwrap();
     std::fs::write(&cert, &second.cert_pem).unwrap();
-    let swapped = within(Duration::from_secs(3), || async {
+    let swapped = within(patience(Duration::from_secs(3)), || async {
         connect(gw.addr, &ca, &[b"http/1.1"], None)
             .await
             .map(|c| c.peer_cert == second.der)
@@ -59,13 +60,28 @@ async fn https_with_h2_and_http1_and_certificate_hot_swap() {
     assert_eq!(h1.get("/api/client/features", CLIENT).await.unwrap().0, 200);
     assert_eq!(h2.get("/api/client/features", CLIENT).await.unwrap().0, 200);
 
-    // A broken certificate file keeps the current one serving.
+    // A broken certificate file keeps the current one serving: once the watcher has rejected it (its
+    // error names this test's certificate file), the old certificate must still be the one served.
+    let cert_path = cert.display().to_string();
+    let rejected = |l: &serde_json::Value| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("new TLS certificate rejected"))
+            && l["error"].as_str().is_some_and(|e| e.contains(&cert_path))
+    };
+    let rejections = support::logs::count(rejected);
     std::fs::write(
         &cert,
         "-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n",
     )
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    support::logs::wait_for_more(
+        "rejecting the broken certificate",
+        rejections,
+        patience(Duration::from_secs(3)),
+        rejected,
+    )
+    .await;
     let mut c = connect(gw.addr, &ca, &[b"http/1.1"], None)
         .await
         .expect("still serving TLS");
@@ -222,7 +238,7 @@ async fn a_client_that_stalls_the_tls_handshake_is_cut_at_the_header_timeout() {
     partial.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await.unwrap();
     for mut s in [silent, partial] {
         let mut buf = [0u8; 64];
-        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        let read = tokio::time::timeout(patience(Duration::from_secs(5)), s.read(&mut buf)).await;
         assert!(
             matches!(read, Ok(Ok(0)) | Ok(Err(_))),
             "a stalled handshake was not closed: {read:?}"
@@ -231,7 +247,7 @@ async fn a_client_that_stalls_the_tls_handshake_is_cut_at_the_header_timeout() {
     let cut_after = started.elapsed();
     assert!(cut_after >= Duration::from_millis(900), "cut too early: {cut_after:?}");
     assert!(
-        cut_after < Duration::from_secs(3),
+        cut_after < patience(Duration::from_secs(3)),
         "stalled handshakes held on for {cut_after:?}"
     );
 

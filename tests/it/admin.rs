@@ -1,74 +1,25 @@
 //! The admin listener: liveness, readiness (including draining at shutdown), and a Prometheus scrape
 //! whose request counters move exactly and which never shows a token.
-mod support;
+use crate::support;
+use crate::support::patience;
 
+use crate::support::metrics::{samples, scrape, Scrape};
+use crate::support::upstream::ok_json;
+use crate::support::{gateway, get, upstream};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use support::upstream::ok_json;
-use support::{gateway, get, upstream};
 
 const CLIENT: &str = "*:development.admin-test-client-secret-0123456789";
 const FRONTEND: &str = "default:development.admin-test-frontend-secret-0123456789";
 const UNKNOWN: &str = "*:development.admin-test-unknown-secret-0123456789";
 
-/// One sample of a Prometheus text scrape.
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// Parses the sample lines of a text exposition (label values here never contain `,` or `"`).
-fn samples(scrape: &str) -> Vec<Sample> {
-    scrape
-        .lines()
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| {
-            let (series, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample line {l:?}"));
-            let (name, labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.strip_suffix('}').expect("closing brace")),
-                None => (series, ""),
-            };
-            let labels = labels
-                .split(',')
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    let (k, v) = p.split_once('=').expect("label pair");
-                    (k.to_string(), v.trim_matches('"').to_string())
-                })
-                .collect();
-            Sample {
-                name: name.to_string(),
-                labels,
-                value: value.parse().unwrap_or_else(|_| panic!("bad value in {l:?}")),
-            }
-        })
-        .collect()
-}
-
-fn value(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let want: BTreeMap<String, String> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    samples(scrape)
-        .into_iter()
-        .find(|s| s.name == name && s.labels == want)
-        .map(|s| s.value)
-}
-
-fn requests(scrape: &str, status: &str, decision: &str) -> Option<f64> {
-    value(
-        scrape,
-        "flaggate_requests_total",
-        &[
-            ("route_class", "client"),
-            ("method", "GET"),
-            ("status", status),
-            ("decision", decision),
-        ],
+/// The series counting GETs on the client API with this status and decision.
+fn requests(status: &str, decision: &str) -> String {
+    format!(
+        "flaggate_requests_total{{route_class=\"client\",method=\"GET\",status=\"{status}\",decision=\"{decision}\"}}"
     )
 }
 
@@ -134,30 +85,31 @@ async fn metrics_count_each_decision_exactly_and_never_show_a_secret() {
         "{:?}",
         before.headers
     );
-    let before = before.text();
+    let before = Scrape::parse(before.text());
     assert_eq!(
-        value(
-            &before,
-            "flaggate_build_info",
-            &[("version", env!("CARGO_PKG_VERSION"))]
-        ),
-        Some(1.0)
+        before.value(&format!(
+            "flaggate_build_info{{version=\"{}\"}}",
+            env!("CARGO_PKG_VERSION")
+        )),
+        1.0
     );
-    assert_eq!(requests(&before, "200", "allowed").unwrap_or(0.0), 0.0);
-    assert_eq!(value(&before, "flaggate_ready", &[]), Some(1.0));
-    assert_eq!(
-        value(&before, "flaggate_tokens", &[("kind", "client"), ("source", "file")]),
-        Some(1.0)
-    );
+    // A request series appears with its first request: before any, it is absent (or 0).
+    assert_eq!(before.get(&requests("200", "allowed")).unwrap_or(0.0), 0.0);
+    assert_eq!(before.value("flaggate_ready"), 1.0);
+    assert_eq!(before.value("flaggate_tokens{kind=\"client\",source=\"file\"}"), 1.0);
 
     assert_eq!(get(gw.addr, "/api/client/features", Some(CLIENT)).await.status, 200);
     assert_eq!(get(gw.addr, "/api/client/features", Some(UNKNOWN)).await.status, 401);
 
-    let after = get(gw.admin, "/metrics", None).await.text();
-    assert!(after.contains("# TYPE flaggate_requests_total counter"), "{after}");
-    assert_eq!(requests(&after, "200", "allowed"), Some(1.0), "{after}");
-    assert_eq!(requests(&after, "401", "unauthenticated"), Some(1.0), "{after}");
-    let total: f64 = samples(&after)
+    let after = scrape(gw.admin).await;
+    assert!(
+        after.text.contains("# TYPE flaggate_requests_total counter"),
+        "{}",
+        after.text
+    );
+    assert_eq!(after.value(&requests("200", "allowed")), 1.0, "{}", after.text);
+    assert_eq!(after.value(&requests("401", "unauthenticated")), 1.0, "{}", after.text);
+    let total: f64 = samples(&after.text)
         .iter()
         .filter(|s| s.name == "flaggate_requests_total")
         .map(|s| s.value)
@@ -165,15 +117,16 @@ async fn metrics_count_each_decision_exactly_and_never_show_a_secret() {
     assert_eq!(total, 2.0, "exactly the two requests were counted");
     // Rendered exactly as Prometheus expects (labels in alphabetical order).
     assert!(
-        after.contains(
+        after.text.contains(
             "flaggate_requests_total{decision=\"allowed\",method=\"GET\",route_class=\"client\",status=\"200\"} 1\n"
         ),
-        "{after}"
+        "{}",
+        after.text
     );
 
     for secret in [CLIENT, FRONTEND, UNKNOWN] {
         let tail = secret.rsplit('.').next().unwrap();
-        for scrape in [&before, &after] {
+        for scrape in [&before.text, &after.text] {
             assert!(!scrape.contains(tail), "a token secret appears in the scrape");
         }
     }
@@ -181,12 +134,12 @@ async fn metrics_count_each_decision_exactly_and_never_show_a_secret() {
 
 /// Sends GET `path` on an already-open HTTP/1 connection.
 async fn on_conn(sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>, path: &str) -> (u16, String) {
-    tokio::time::timeout(Duration::from_secs(5), sender.ready())
+    tokio::time::timeout(patience(Duration::from_secs(5)), sender.ready())
         .await
         .expect("connection never became ready")
         .expect("admin connection was closed");
     let req = Request::get(path).header("host", "admin").body(Empty::new()).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req))
+    let resp = tokio::time::timeout(patience(Duration::from_secs(5)), sender.send_request(req))
         .await
         .expect("admin request timed out")
         .expect("admin request failed");
@@ -218,8 +171,8 @@ async fn ready_while_serving_then_draining_at_shutdown() {
     let (status, metrics) = on_conn(&mut sender, "/metrics").await;
     assert_eq!(status, 200);
     assert_eq!(
-        value(&metrics, "flaggate_ready", &[]),
-        Some(0.0),
+        Scrape::parse(metrics).value("flaggate_ready"),
+        0.0,
         "the gauge follows /ready"
     );
 
@@ -232,7 +185,7 @@ async fn ready_while_serving_then_draining_at_shutdown() {
     let started = Instant::now();
     while tokio::net::TcpStream::connect(gw.addr).await.is_ok() {
         assert!(
-            started.elapsed() < Duration::from_secs(3),
+            started.elapsed() < patience(Duration::from_secs(3)),
             "the proxy port still accepts connections after shutdown"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -241,6 +194,7 @@ async fn ready_while_serving_then_draining_at_shutdown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_cannot_starve_the_probes() {
+    let _fds = support::fd_heavy().await;
     let gw = gateway().token(CLIENT, "client").start().await;
     // More idle connections than the admin listener serves at once (256), opened before any probe.
     let mut idle = Vec::new();
@@ -249,11 +203,12 @@ async fn idle_connections_cannot_starve_the_probes() {
     }
     for path in ["/health", "/ready"] {
         let started = Instant::now();
-        let r = tokio::time::timeout(Duration::from_secs(1), get(gw.admin, path, None))
+        let limit = patience(Duration::from_secs(1));
+        let r = tokio::time::timeout(limit, get(gw.admin, path, None))
             .await
-            .unwrap_or_else(|_| panic!("{path} did not answer within 1 s behind 300 idle connections"));
+            .unwrap_or_else(|_| panic!("{path} did not answer within {limit:?} behind 300 idle connections"));
         assert_eq!(r.status, 200, "{path}");
-        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(started.elapsed() < limit);
     }
     drop(idle);
 }

@@ -1,5 +1,6 @@
 //! Clients for tests: a plain HTTP/1.1 client and a raw TCP one for bytes no client library would send.
 
+use super::patience;
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -27,7 +28,7 @@ impl Reply {
 
 pub async fn send(req: Request<Full<Bytes>>) -> Reply {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+    let resp = tokio::time::timeout(patience(Duration::from_secs(10)), client.request(req))
         .await
         .expect("request timed out")
         .expect("request failed");
@@ -50,12 +51,13 @@ pub async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Reply {
 }
 
 /// Writes `bytes` on a fresh connection and returns everything the server sent until it closed (send
-/// `Connection: close`) or 5 s passed. No half-close: hyper, like most servers, treats EOF as "gone".
+/// `Connection: close`) or 5 s (times the patience) passed. No half-close: hyper, like most servers,
+/// treats EOF as "gone".
 pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
     s.write_all(bytes).await.expect("write");
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let _ = tokio::time::timeout(patience(Duration::from_secs(5)), s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
 
@@ -88,7 +90,7 @@ pub async fn send_h2(
     req: Request<Full<Bytes>>,
 ) -> Reply {
     h2.ready().await.expect("h2 connection ready");
-    let resp = tokio::time::timeout(Duration::from_secs(10), h2.send_request(req))
+    let resp = tokio::time::timeout(patience(Duration::from_secs(10)), h2.send_request(req))
         .await
         .expect("h2 request timed out")
         .expect("h2 request failed");

@@ -1,17 +1,20 @@
 //! The token file is live: edits, atomic renames and ConfigMap-style symlink swaps apply within 2 s; a
 //! broken edit keeps the last good set; `expires_at` is enforced to the second without any reload.
-mod support;
-
+use crate::support::gateway::token_yaml;
+use crate::support::metrics::{metric, metric_eventually};
+use crate::support::patience;
+use crate::support::poll::status_within;
+use crate::support::upstream::ok_json;
+use crate::support::{gateway, get, upstream, MockUpstream, TestGateway, TokenSpec};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
-use support::gateway::token_yaml;
-use support::poll::status_within;
-use support::upstream::ok_json;
-use support::{gateway, get, upstream, MockUpstream, TestGateway, TokenSpec};
 
 const A: &str = "*:development.tokenfile-a-0123456789abcdef";
 const B: &str = "*:development.tokenfile-b-0123456789abcdef";
 const C: &str = "*:development.tokenfile-c-0123456789abcdef";
+
+/// Rejected or unreadable token-file reloads (registered at 0, so present from the start).
+const FILE_ERRORS: &str = "flaggate_token_source_updates_total{result=\"error\",source=\"file\"}";
 
 const CLIENT_PATH: &str = "/api/client/features";
 const FRONTEND_PATH: &str = "/api/frontend";
@@ -35,15 +38,23 @@ async fn status(gw: &TestGateway, path: &str, token: &str) -> u16 {
     get(gw.addr, path, Some(token)).await.status.as_u16()
 }
 
-/// Polls until `path` with `token` answers `want`; fails after 2 s. Returns the wait.
+/// Polls until `path` with `token` answers `want`; fails after 2 s (times the patience). Returns the
+/// wait.
 async fn eventually(gw: &TestGateway, path: &str, token: &str, want: u16) -> Duration {
-    match status_within(gw.addr, path, Some(token), want, Duration::from_secs(2)).await {
+    let limit = patience(Duration::from_secs(2));
+    match status_within(gw.addr, path, Some(token), want, limit).await {
         Some(waited) => waited,
         None => {
             let got = status(gw, path, token).await;
-            panic!("{path} still {got} (want {want}) 2 s after the token file changed")
+            panic!("{path} still {got} (want {want}) {limit:?} after the token file changed")
         }
     }
+}
+
+/// Waits until the watcher has rejected (or failed to read) the file more than `before` times in all:
+/// the evidence that it took in a broken edit, before a test checks that nothing changed.
+async fn rejected(gw: &TestGateway, before: f64) {
+    metric_eventually(gw.admin, FILE_ERRORS, |v| v > before, patience(Duration::from_secs(2))).await;
 }
 
 /// Asserts `path` with `token` keeps answering `want` for `period`.
@@ -148,15 +159,7 @@ async fn configmap_style_symlink_swap_applies() {
 async fn a_broken_edit_keeps_the_last_good_set_and_the_next_good_edit_applies() {
     let (_up, gw) = setup(&[(A, "client")]).await;
     assert_eq!(status(&gw, CLIENT_PATH, A).await, 200);
-    let errors = || async {
-        let scrape = get(gw.admin, "/metrics", None).await.text();
-        scrape
-            .lines()
-            .find(|l| l.starts_with("flaggate_token_source_updates_total{") && l.contains("result=\"error\""))
-            .and_then(|l| l.rsplit(' ').next())
-            .map(|v| v.parse::<f64>().unwrap())
-            .unwrap_or(0.0)
-    };
+    let errors = || metric(gw.admin, FILE_ERRORS);
     let errors_before = errors().await;
 
     // Invalid YAML.
@@ -165,6 +168,7 @@ async fn a_broken_edit_keeps_the_last_good_set_and_the_next_good_edit_applies() 
         format!("tokens:\n  - secret: \"{B}\n    type: [client\n"),
     )
     .unwrap();
+    rejected(&gw, errors_before).await;
     steadily(&gw, CLIENT_PATH, A, 200, Duration::from_millis(1500)).await;
     assert_eq!(status(&gw, CLIENT_PATH, B).await, 401);
 
@@ -174,6 +178,7 @@ async fn a_broken_edit_keeps_the_last_good_set_and_the_next_good_edit_applies() 
         format!("tokens:\n  - secret: \"{B}\"\n    type: client\n  - secret: \"{C}\"\n    type: root\n"),
     )
     .unwrap();
+    rejected(&gw, errors_before + 1.0).await;
     steadily(&gw, CLIENT_PATH, A, 200, Duration::from_millis(1500)).await;
     assert_eq!(
         status(&gw, CLIENT_PATH, B).await,
@@ -198,7 +203,9 @@ async fn a_broken_edit_keeps_the_last_good_set_and_the_next_good_edit_applies() 
 async fn a_deleted_file_keeps_the_last_good_set_until_it_reappears() {
     let (_up, gw) = setup(&[(A, "client")]).await;
     assert_eq!(status(&gw, CLIENT_PATH, A).await, 200);
+    let errors_before = metric(gw.admin, FILE_ERRORS).await;
     std::fs::remove_file(&gw.token_file).unwrap();
+    rejected(&gw, errors_before).await;
     steadily(&gw, CLIENT_PATH, A, 200, Duration::from_millis(1000)).await;
     write(&gw.token_file, &[(B, "client")]);
     eventually(&gw, CLIENT_PATH, B, 200).await;
@@ -212,7 +219,9 @@ async fn a_deleted_file_keeps_the_last_good_set_until_it_reappears() {
 async fn an_emptied_file_keeps_the_last_good_set() {
     let (_up, gw) = setup(&[(A, "client")]).await;
     assert_eq!(status(&gw, CLIENT_PATH, A).await, 200);
+    let errors_before = metric(gw.admin, FILE_ERRORS).await;
     std::fs::write(&gw.token_file, "").unwrap();
+    rejected(&gw, errors_before).await;
     steadily(&gw, CLIENT_PATH, A, 200, Duration::from_millis(1000)).await;
 }
 
@@ -237,6 +246,7 @@ async fn an_expiring_token_is_allowed_before_and_refused_within_a_second_after_i
     let at = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
     let stamp = at.format(&time::format_description::well_known::Rfc3339).unwrap();
     let expiry = at.unix_timestamp() as f64; // the token is refused from this second on
+    let grace = patience(Duration::from_secs(1)).as_secs_f64(); // and within this of it
     let up = upstream().route("*", |_| ok_json("{}")).run().await;
     let gw = gateway()
         .upstream(up.url())
@@ -258,15 +268,18 @@ async fn an_expiring_token_is_allowed_before_and_refused_within_a_second_after_i
             401 => {
                 assert!(received >= expiry, "refused at {received}, before its expiry {expiry}");
                 assert!(
-                    sent < expiry + 1.0,
-                    "first refusal only at {sent}, more than 1 s after expiry {expiry}"
+                    sent < expiry + grace,
+                    "first refusal only at {sent}, more than {grace} s after expiry {expiry}"
                 );
                 assert_eq!(r.json()["code"], "expired_token");
                 break;
             }
             s => panic!("unexpected {s}: {}", r.text()),
         }
-        assert!(unix_now() < expiry + 1.0, "still allowed 1 s after expiry {expiry}");
+        assert!(
+            unix_now() < expiry + grace,
+            "still allowed {grace} s after expiry {expiry}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(allowed >= 1, "the token was never allowed before its expiry");

@@ -1,79 +1,21 @@
 //! SIGTERM on the real binary: readiness flips at once, no new connections, the in-flight request
 //! finishes, an event stream is ended cleanly, and the process exits 0 within the grace period.
-mod support;
-
+use crate::support::binary::{spawn, Process};
+use crate::support::patience;
+use crate::support::upstream::{channel_body, event_stream};
+use crate::support::{get, upstream};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::binary::flaggate;
-use support::upstream::{channel_body, event_stream};
-use support::{get, upstream};
 
 const CLIENT: &str = "*:development.shutdown-client-0123456789abcdef";
 
-struct Binary {
-    child: std::process::Child,
-    proxy: SocketAddr,
-    admin: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-fn start_binary(upstream: &str, dir: &std::path::Path, extra: &[&str]) -> Binary {
+fn start_binary(upstream: &str, dir: &std::path::Path, extra: &[&str]) -> Process {
     let tokens = dir.join("tokens.yaml");
     std::fs::write(&tokens, format!("tokens:\n  - secret: {CLIENT:?}\n    type: client\n")).unwrap();
-    let mut child = flaggate()
-        .args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ])
-        .args(["--upstream", upstream, "--token-file", tokens.to_str().unwrap()])
-        .args(extra)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let l = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if v["message"] == "flaggate started" {
-                    let _ = tx.send((
-                        v["listen"].as_str().unwrap().to_string(),
-                        v["admin_listen"].as_str().unwrap().to_string(),
-                    ));
-                }
-            }
-            l.lock().unwrap().push(line);
-        }
-    });
-    let (proxy, admin) = rx.recv_timeout(Duration::from_secs(20)).expect("gateway started");
-    Binary {
-        child,
-        proxy: proxy.parse().unwrap(),
-        admin: admin.parse().unwrap(),
-        log,
-    }
-}
-
-fn sigterm(pid: u32) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    let mut args = vec!["run", "--upstream", upstream, "--token-file", tokens.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    spawn(&args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,7 +64,7 @@ async fn sigterm_drains_in_flight_work_and_exits_zero() {
         .body(Full::new(Bytes::new()))
         .unwrap();
     let mut stream = client.request(req).await.unwrap().into_body();
-    let first = tokio::time::timeout(Duration::from_secs(3), stream.frame())
+    let first = tokio::time::timeout(patience(Duration::from_secs(3)), stream.frame())
         .await
         .unwrap()
         .unwrap()
@@ -139,8 +81,8 @@ async fn sigterm_drains_in_flight_work_and_exits_zero() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let signalled = Instant::now();
-    sigterm(gw.child.id());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    gw.sigterm();
+    tokio::time::sleep(patience(Duration::from_millis(200))).await;
     let ready = get(gw.admin, "/ready", None).await;
     assert_eq!(ready.status, 503, "readiness flips at once");
     assert_eq!(ready.json()["reason"], "shutting down");
@@ -150,7 +92,7 @@ async fn sigterm_drains_in_flight_work_and_exits_zero() {
     );
 
     // The event stream ends cleanly (no error), well before the grace period.
-    let ended = tokio::time::timeout(Duration::from_secs(3), async {
+    let ended = tokio::time::timeout(patience(Duration::from_secs(3)), async {
         loop {
             match stream.frame().await {
                 Some(Ok(_)) => continue,
@@ -171,24 +113,15 @@ async fn sigterm_drains_in_flight_work_and_exits_zero() {
     );
     assert!(took >= Duration::from_millis(1400));
 
-    let exit = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(6);
-        loop {
-            if let Some(s) = gw.child.try_wait().unwrap() {
-                return Some(s);
-            }
-            if Instant::now() > deadline {
-                let _ = gw.child.kill();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    let (gw, exit) = tokio::task::spawn_blocking(move || {
+        let exit = gw.wait_exit(patience(Duration::from_secs(6)));
+        (gw, exit)
     })
     .await
     .unwrap();
     let status = exit.expect("process did not exit within the grace period");
     assert!(status.success(), "exit status {status:?}");
-    assert!(signalled.elapsed() < Duration::from_secs(5));
-    let log = gw.log.lock().unwrap().join("\n");
+    assert!(signalled.elapsed() < patience(Duration::from_secs(5)));
+    let log = gw.stderr();
     assert!(log.contains("shutdown requested"), "{log}");
 }

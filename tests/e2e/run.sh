@@ -510,8 +510,8 @@ outage() {
     echo "FAIL e. outage: Unleash down behind nginx: known token -> $got, expected 502: $(head -c 200 "$RUN/outage-nginx-502.body")"
     rc=1
   fi
-  if wait_file_line "$FLAGGATE_LOG" 'token sync failing' "$skip" 10 >/dev/null; then
-    echo "PASS e. outage: Unleash down behind nginx: flaggate's sync saw it fail (nginx 502)"
+  if got=$(wait_file_line "$FLAGGATE_LOG" 'token sync failing' "$skip" 10); then
+    echo "PASS e. outage: Unleash down behind nginx: flaggate's sync saw it fail ($(sed -nE 's/.*"error":"([^"]*)".*/\1/p' <<<"$got"))"
   else
     echo "FAIL e. outage: Unleash down behind nginx: no 'token sync failing' line within 10s"
     rc=1
@@ -580,7 +580,7 @@ outage() {
 }
 
 tls_check() {
-  local rc=0 n line noca_log=$RUN/flaggate-noca.log noca_admin noca_gw skip_err what re
+  local rc=0 n line noca_log=$RUN/flaggate-noca.log noca_admin noca_gw skip_err
   # 1. Everything flaggate asked of Unleash went through nginx over TLS. Only flaggate talks to nginx's
   #    port (besides start_nginx's curl GET /health), so these access-log lines are flaggate's requests.
   tls_seen() { # tls_seen DESCRIPTION REGEX-after-the-protocol: PASS when nginx logged it over TLS

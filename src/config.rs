@@ -171,7 +171,11 @@ pub(crate) fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     }
     let (host, port) = t.rsplit_once(':').ok_or_else(bad)?;
     let port: u16 = port.parse().map_err(|_| bad())?;
-    if host.is_empty() || !host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+    if host.is_empty()
+        || !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
         return Err(bad());
     }
     use std::net::ToSocketAddrs;
@@ -181,7 +185,10 @@ pub(crate) fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .collect();
     // Prefer IPv4, as a listener on `localhost` usually means 127.0.0.1.
     addrs.sort_by_key(|a| !a.is_ipv4());
-    addrs.into_iter().next().ok_or_else(|| format!("`{s}`: {host} resolves to no address"))
+    addrs
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("`{s}`: {host} resolves to no address"))
 }
 
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -317,7 +324,10 @@ impl Config {
         let mut named: Vec<_> = self.rate_limits.per_name.iter().collect();
         named.sort_by(|a, b| a.0.cmp(b.0));
         for (name, rate) in named {
-            line(&format!("rate_limit_tokens {name}"), &format!("{}:{}", rate.per_second, rate.burst));
+            line(
+                &format!("rate_limit_tokens {name}"),
+                &format!("{}:{}", rate.per_second, rate.burst),
+            );
         }
         let policy = crate::policy::Policy::new(self.routes.clone());
         for r in policy.rules() {
@@ -328,7 +338,11 @@ impl Config {
                     "{} -> [{}]{}",
                     r.prefix,
                     kinds.join(", "),
-                    if r.preflight { " (+ token-less CORS preflight)" } else { "" }
+                    if r.preflight {
+                        " (+ token-less CORS preflight)"
+                    } else {
+                        ""
+                    }
                 ),
             );
         }

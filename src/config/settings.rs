@@ -85,7 +85,8 @@ impl Layers<'_> {
 /// by line and column.
 fn read_file(p: &Path) -> Result<FileSettings, ConfigError> {
     let origin = format!("config file {}", p.display());
-    let text = std::fs::read_to_string(p).map_err(|e| ConfigError::new(&origin, "config", format!("cannot read: {e}")))?;
+    let text =
+        std::fs::read_to_string(p).map_err(|e| ConfigError::new(&origin, "config", format!("cannot read: {e}")))?;
     toml::from_str(&text).map_err(|e| {
         let msg = e.message().to_string();
         if let Some(key) = msg.split('`').nth(1).filter(|_| msg.starts_with("unknown field")) {
@@ -102,7 +103,11 @@ fn read_file(p: &Path) -> Result<FileSettings, ConfigError> {
             let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
             format!("line {line}, column {column}")
         });
-        ConfigError::new(origin, at.unwrap_or_else(|| "(file)".into()), msg.trim_end().to_string())
+        ConfigError::new(
+            origin,
+            at.unwrap_or_else(|| "(file)".into()),
+            msg.trim_end().to_string(),
+        )
     })
 }
 
@@ -165,7 +170,10 @@ impl Settings {
             routes.push(parse_rule(file_path.unwrap_or(Path::new("")), i, r)?);
         }
         for (i, r) in routes.iter().enumerate() {
-            if routes[..i].iter().any(|o: &Rule| o.name == r.name || o.prefix == r.prefix) {
+            if routes[..i]
+                .iter()
+                .any(|o: &Rule| o.name == r.name || o.prefix == r.prefix)
+            {
                 return Err(ConfigError::new(
                     l.file_origin(),
                     format!("routes[{i}]"),
@@ -230,7 +238,16 @@ impl Settings {
                 (TokenKind::Admin, "rate_limit_admin"),
                 (TokenKind::Pat, "rate_limit_pat"),
             ] {
-                if let Some(r) = l.get(key, |v| if v.trim() == "off" { Ok(None) } else { Rate::parse(v).map(Some) })?.flatten() {
+                if let Some(r) = l
+                    .get(key, |v| {
+                        if v.trim() == "off" {
+                            Ok(None)
+                        } else {
+                            Rate::parse(v).map(Some)
+                        }
+                    })?
+                    .flatten()
+                {
                     limits.per_kind.insert(kind, r);
                 }
             }
@@ -307,7 +324,10 @@ impl Settings {
         if upstream_max_inflight_per_token.is_none() {
             l.show(
                 "upstream_max_inflight_per_token",
-                format!("{} (a quarter of upstream_max_inflight)", cfg.upstream_max_inflight_per_token()),
+                format!(
+                    "{} (a quarter of upstream_max_inflight)",
+                    cfg.upstream_max_inflight_per_token()
+                ),
             );
         }
         let cfg = Config {

@@ -25,3 +25,4 @@ mod token_file;
 mod token_sync;
 mod transparency;
 mod upstream_errors;
+mod upstream_tls;

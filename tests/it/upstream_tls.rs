@@ -2,10 +2,11 @@
 //! client, so all three work with `--upstream-ca` (and with a client identity for mTLS), and all three
 //! fail the same way without it. (Before the upstream room, sync and PAT checks used a second,
 //! plain-HTTP client: forwarding worked and `/ready` stayed 503 forever.)
-mod support;
-
+use crate::support;
 use std::time::Duration;
-use support::poll::{ready_within, sample};
+use support::metrics::scrape;
+use support::patience;
+use support::poll::ready_within;
 use support::tls::{server_config, Ca};
 use support::unleash::{mock_unleash_tls, MockUnleash};
 use support::{gateway, get, TestGateway};
@@ -35,7 +36,7 @@ async fn rig(client_ca: Option<&Ca>) -> Rig {
 /// Sync, a PAT check and a forwarded request, each through the TLS upstream.
 async fn all_three_work(gw: &TestGateway, unleash: &MockUnleash) {
     assert!(
-        ready_within(gw.admin, Duration::from_secs(5)).await.is_some(),
+        ready_within(gw.admin, patience(Duration::from_secs(5))).await.is_some(),
         "the token list was never synced over TLS"
     );
     let r = get(gw.addr, "/api/client/features", Some(CLIENT)).await;
@@ -45,12 +46,9 @@ async fn all_three_work(gw: &TestGateway, unleash: &MockUnleash) {
     assert!(unleash.list_fetches() >= 1);
     assert_eq!(unleash.pat_checks(), 1);
     assert_eq!(unleash.forwarded(), 2);
-    let scrape = get(gw.admin, "/metrics", None).await.text();
-    assert!(sample(&scrape, "flaggate_token_sync_total{result=\"ok\"}").unwrap_or(0.0) >= 1.0);
-    assert_eq!(
-        sample(&scrape, "flaggate_pat_validations_total{result=\"valid\"}"),
-        Some(1.0)
-    );
+    let s = scrape(gw.admin).await;
+    assert!(s.value("flaggate_token_sync_total{result=\"ok\"}") >= 1.0);
+    assert_eq!(s.value("flaggate_pat_validations_total{result=\"valid\"}"), 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,9 +86,9 @@ async fn without_the_upstream_ca_all_three_fail_alike_and_say_tls() {
         "an unverifiable PAT is Unleash being unreachable: {}",
         resp.text()
     );
-    let scrape = get(gw.admin, "/metrics", None).await.text();
-    assert!(sample(&scrape, "flaggate_token_sync_total{result=\"error\"}").unwrap_or(0.0) >= 1.0);
-    assert_eq!(sample(&scrape, "flaggate_token_sync_total{result=\"ok\"}"), Some(0.0));
+    let s = scrape(gw.admin).await;
+    assert!(s.value("flaggate_token_sync_total{result=\"error\"}") >= 1.0);
+    assert_eq!(s.value("flaggate_token_sync_total{result=\"ok\"}"), 0.0);
     assert_eq!(
         get(gw.admin, "/ready", None).await.status,
         503,

@@ -138,14 +138,9 @@ impl Rejection {
             Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Rejection::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            Rejection::Upstream(e) => match e {
-                UpstreamError::Connect(_) | UpstreamError::Tls(_) | UpstreamError::Protocol(_) => {
-                    StatusCode::BAD_GATEWAY
-                }
-                UpstreamError::ConnectTimeout(_) | UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-                UpstreamError::Saturated(_) => StatusCode::SERVICE_UNAVAILABLE,
-            },
-            Rejection::Unverifiable(_) => StatusCode::BAD_GATEWAY,
+            Rejection::Upstream(e) => upstream_status(e),
+            // As the failure that kept Unleash from being asked (502 when Unleash answered 5xx).
+            Rejection::Unverifiable(e) => pat_cause(e).map_or(StatusCode::BAD_GATEWAY, upstream_status),
             Rejection::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -216,14 +211,8 @@ impl Rejection {
             Rejection::UnknownToken(_) => "unknown_token",
             Rejection::Expired(_) => "expired_token",
             Rejection::WrongScope => "wrong_token_type",
-            Rejection::Upstream(e) => match e {
-                UpstreamError::Connect(_) => "upstream_unreachable",
-                UpstreamError::Tls(_) => "upstream_tls",
-                UpstreamError::ConnectTimeout(_) | UpstreamError::Timeout(_) => "upstream_timeout",
-                UpstreamError::Protocol(_) => "upstream_failed",
-                UpstreamError::Saturated(_) => "upstream_saturated",
-            },
-            Rejection::Unverifiable(_) => "upstream_unreachable",
+            Rejection::Upstream(e) => upstream_code(e),
+            Rejection::Unverifiable(e) => pat_cause(e).map_or("upstream_unreachable", upstream_code),
             Rejection::Internal(_) => "internal",
         }
     }
@@ -305,6 +294,32 @@ impl Rejection {
             _ => {}
         }
         r
+    }
+}
+
+/// What a PAT check that could not be made ran into, if it was a transport failure.
+fn pat_cause(e: &AuthError) -> Option<&UpstreamError> {
+    match e {
+        AuthError::Unverifiable { source, .. } => source.0.as_deref(),
+        AuthError::Malformed(_) => None,
+    }
+}
+
+fn upstream_status(e: &UpstreamError) -> StatusCode {
+    match e {
+        UpstreamError::Connect(_) | UpstreamError::Tls(_) | UpstreamError::Protocol(_) => StatusCode::BAD_GATEWAY,
+        UpstreamError::ConnectTimeout(_) | UpstreamError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        UpstreamError::Saturated(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+fn upstream_code(e: &UpstreamError) -> &'static str {
+    match e {
+        UpstreamError::Connect(_) => "upstream_unreachable",
+        UpstreamError::Tls(_) => "upstream_tls",
+        UpstreamError::ConnectTimeout(_) | UpstreamError::Timeout(_) => "upstream_timeout",
+        UpstreamError::Protocol(_) => "upstream_failed",
+        UpstreamError::Saturated(_) => "upstream_saturated",
     }
 }
 

@@ -80,11 +80,11 @@ async fn without_the_upstream_ca_all_three_fail_alike_and_say_tls() {
     assert_eq!(resp.status, 502, "{}", resp.text());
     assert_eq!(resp.json()["code"], "upstream_tls");
     let resp = get(gw.addr, "/api/admin/projects", Some(PAT)).await;
+    assert_eq!(resp.status, 502, "a PAT Unleash cannot be asked about: {}", resp.text());
     assert_eq!(
-        resp.status,
-        502,
-        "an unverifiable PAT is Unleash being unreachable: {}",
-        resp.text()
+        resp.json()["code"],
+        "upstream_tls",
+        "says why, like a forwarded request"
     );
     let s = scrape(gw.admin).await;
     assert!(s.value("flaggate_token_sync_total{result=\"error\"}") >= 1.0);

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // benchmarks: a panic is a broken setup; the report is printed
 //! Criterion benchmarks for the pure functions every request runs through, compared side by side, and the
 //! whole in-memory request path they make up (everything but the sockets).
 use criterion::{black_box, criterion_group, criterion_main, Criterion};

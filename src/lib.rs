@@ -3,6 +3,8 @@
 //! Start with [`proxy`] for the request's way through the gateway, [`policy`] for who may reach what,
 //! [`token`] for the token model and store, and [`upstream`] for the one way to Unleash.
 #![forbid(unsafe_code)]
+// Unit tests may unwrap: a panic there is a failed assertion. The code itself may not (`[lints]`).
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod admin;
 pub mod app;

@@ -1,4 +1,6 @@
 #![forbid(unsafe_code)]
+// A command-line tool: printing its reports and errors is its job.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};

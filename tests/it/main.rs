@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)] // tests: a panic is a failed assertion
 //! The integration tests: one binary (`cargo test --test it`), one module per area. Every test talks to
 //! real sockets; `support` has the builders (mock upstream, in-process gateway, the real binary), the
 //! clients, the metric and log matchers and the patience factor (`FLAGGATE_TEST_PATIENCE`).

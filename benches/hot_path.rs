@@ -2,13 +2,13 @@
 //! Criterion benchmarks for the pure functions every request runs through, compared side by side, and the
 //! whole in-memory request path they make up (everything but the sockets).
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use flaggate::path::canonicalize;
-use flaggate::policy::{decide, Policy};
-use flaggate::proxy::headers::{forwarded_for, set_forwarded, strip_consumed, strip_gateway_set, strip_hop_by_hop};
-use flaggate::proxy::record::request_id;
-use flaggate::token::extract::extract;
-use flaggate::token::store::{TokenSet, TokenStore};
-use flaggate::token::{Digest, TokenInfo, TokenKind, TokenSource};
+use flaggate::internals::canonicalize;
+use flaggate::internals::extract;
+use flaggate::internals::headers::{forwarded_for, set_forwarded, strip_consumed, strip_gateway_set, strip_hop_by_hop};
+use flaggate::internals::request_id;
+use flaggate::internals::{decide, Policy};
+use flaggate::internals::{Digest, TokenInfo, TokenKind, TokenSource};
+use flaggate::internals::{TokenSet, TokenStore};
 use http::{HeaderMap, HeaderValue};
 use std::sync::Arc;
 
@@ -102,14 +102,14 @@ fn bench(c: &mut Criterion) {
     let url = flaggate::config::UpstreamUrl::parse("http://unleash:4242")
         .unwrap()
         .upstream;
-    let upstream = flaggate::upstream::Upstream::new(
-        flaggate::upstream::Settings {
+    let upstream = flaggate::internals::Upstream::new(
+        flaggate::internals::UpstreamSettings {
             url: &url,
             connect_timeout: std::time::Duration::from_secs(2),
             extra_ca: None,
             identity: None,
             max_inflight: 1024,
-            shares: flaggate::upstream::Shares {
+            shares: flaggate::internals::Shares {
                 per_connection: 32,
                 per_token: 256,
             },
@@ -140,15 +140,15 @@ fn bench(c: &mut Criterion) {
         )
     });
     // Per-token rate limiting: the extra cost on a request whose token has a limit.
-    let mut limits = flaggate::ratelimit::RateLimits::default();
+    let mut limits = flaggate::internals::RateLimits::default();
     limits.per_kind.insert(
         TokenKind::Client,
-        flaggate::ratelimit::Rate {
+        flaggate::internals::Rate {
             per_second: 1e12,
             burst: 1e12,
         },
     );
-    let limiter = flaggate::ratelimit::RateLimiter::new(limits);
+    let limiter = flaggate::internals::RateLimiter::new(limits);
     let digest = Digest::of(TOKEN);
     g.bench_function("rate_limit_check", |b| {
         b.iter(|| limiter.check(black_box(&digest), &entry).is_ok())

@@ -1,9 +1,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // benchmarks: a panic is a broken setup; the report is printed
 //! Syncing a large Unleash token list: parse + apply to the store, time and RSS growth, for 100,000 and
 //! 1,000,000 tokens. Targets: 100k under 1 s and 64 MB, 1M under 10 s. Run: `cargo bench --bench token_sync`.
-use flaggate::token::store::TokenStore;
-use flaggate::token::unleash::parse_token_list;
-use flaggate::token::TokenSource;
+use flaggate::internals::parse_token_list;
+use flaggate::internals::TokenSource;
+use flaggate::internals::TokenStore;
 use std::time::Instant;
 
 fn rss_bytes() -> u64 {

@@ -274,7 +274,7 @@ impl Rejection {
         }
     }
 
-    pub fn into_response(&self) -> Response<Full<Bytes>> {
+    pub fn to_response(&self) -> Response<Full<Bytes>> {
         let mut r = json_response(self.status(), &self.body());
         match self {
             Rejection::MethodNotAllowed => {

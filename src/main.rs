@@ -5,8 +5,8 @@
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use flaggate::config::{parse_log_format, Config, Settings};
-use flaggate::policy::Policy;
-use flaggate::token::{self, Digest, Shape};
+use flaggate::internals::Policy;
+use flaggate::internals::{self as token, Digest, Shape};
 use std::io::Read;
 use std::path::PathBuf;
 
@@ -207,7 +207,7 @@ fn check_config(settings: Settings) -> anyhow::Result<()> {
         eprintln!("flaggate: warning: {w}");
     }
     if let Some(p) = &cfg.token_file {
-        let set = token::file::load_token_file(p)?;
+        let set = token::load_token_file(p)?;
         println!("# token file {} OK: {} tokens", p.display(), set.len());
     }
     print!("{}", cfg.render());
@@ -241,7 +241,7 @@ fn explain(token_arg: &str, settings: Settings) -> anyhow::Result<()> {
     let (entry, policy) = match settings.resolve() {
         Ok((cfg, _)) => {
             let entry = match &cfg.token_file {
-                Some(p) => token::file::load_token_file(p)?.get(&digest).cloned(),
+                Some(p) => token::load_token_file(p)?.get(&digest).cloned(),
                 None => None,
             };
             (entry, Policy::new(cfg.routes))
@@ -298,7 +298,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
             .context("binding the demo upstream")?;
         let upstream_addr = upstream.local_addr()?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(flaggate::proxy::server::serve_simple(
+        tokio::spawn(flaggate::internals::serve_simple(
             upstream,
             flaggate::demo::sample_upstream,
             flaggate::demo::UPSTREAM_MAX_CONNECTIONS,

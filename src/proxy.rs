@@ -104,6 +104,7 @@ impl Pending<'_> {
         }
         record::Record {
             started: self.started,
+            client: self.ctx.peer.ip(),
             method: self.method.clone(),
             path: out.path.take(),
             route_class: out.route_class.clone(),
@@ -147,7 +148,7 @@ const CLIENT_GONE: http::StatusCode = match http::StatusCode::from_u16(499) {
     Err(_) => http::StatusCode::BAD_REQUEST,
 };
 
-/// The service function: never fails, every error becomes a response in [`Rejection::into_response`].
+/// The service function: never fails, every error becomes a response in [`Rejection::to_response`].
 pub async fn handle(
     gw: Arc<Gateway>,
     req: Request<Incoming>,
@@ -184,7 +185,7 @@ pub async fn handle(
     let (mut resp, decision, rejection) = match result {
         Ok(resp) => (resp, Decision::Allowed, None),
         Err(rej) => {
-            let mut r = rej.into_response();
+            let mut r = rej.to_response();
             if pending.out.browser_route {
                 headers::allow_cross_origin_read(r.headers_mut());
             }

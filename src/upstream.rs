@@ -12,7 +12,7 @@ mod metrics;
 mod slots;
 mod tls;
 
-pub use body::{Body, BoxError, Rest};
+pub use body::{Body, BoxError};
 pub use error::{chain, UpstreamError};
 pub use slots::{ConnShare, Owner, Saturated, Scope, Shares, Slot, Slots};
 

@@ -1,8 +1,8 @@
 //! Invariant: an accepted path is a fixed point of canonicalization, carries none of the forms we
 //! refuse, and re-parsing what we would forward gives the same path and the same routing decision.
 #![no_main]
-use flaggate::path::canonicalize;
-use flaggate::policy::Policy;
+use flaggate::internals::canonicalize;
+use flaggate::internals::Policy;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

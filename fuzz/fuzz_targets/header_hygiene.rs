@@ -3,7 +3,7 @@
 //! consumed field survives; the gateway's own values are the only ones present; a `Connection` naming a
 //! protected field is always found; and only a plain `host[:port]` is ever passed on as a host.
 #![no_main]
-use flaggate::proxy::headers::{
+use flaggate::internals::headers::{
     connection_names_protected, forwarded_for, is_host_port, set_forwarded, strip_consumed, strip_gateway_set,
     strip_hop_by_hop, CONSUMED, FORWARDING_CLAIMS, GATEWAY_SET, HOP_BY_HOP, METHOD_OVERRIDES, PATH_OVERRIDES,
     PROTECTED,

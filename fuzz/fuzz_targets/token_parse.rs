@@ -1,8 +1,8 @@
 //! Invariant: reading a token from any Authorization value never panics, yields a trimmed non-empty
 //! slice of the input, and the label parser agrees with the documented shapes.
 #![no_main]
-use flaggate::token::extract::token_from_value;
-use flaggate::token::{parse, Digest, ProjectLabel, Shape};
+use flaggate::internals::token_from_value;
+use flaggate::internals::{parse, Digest, ProjectLabel, Shape};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

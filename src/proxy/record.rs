@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 /// Everything the access-log line says about one request. Never holds a secret.
 pub struct Record {
     pub started: Instant,
+    /// The client's address as the gateway decided it (the peer, or the address a trusted proxy
+    /// forwarded for it).
+    pub client: std::net::IpAddr,
     pub method: http::Method,
     pub path: Option<String>,
     pub route_class: Arc<str>,
@@ -37,6 +40,7 @@ impl Record {
         let kind = self.token.and_then(|(_, k)| k).map(TokenKind::as_str);
         tracing::info!(
             target: "flaggate::access",
+            client = %self.client,
             method = %self.method,
             path = self.path.as_deref().unwrap_or("-"),
             status = self.status,

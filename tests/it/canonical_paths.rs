@@ -164,7 +164,7 @@ async fn property_forwarded_path_equals_authorized_canonical_path() {
         up.clear();
         let req = format!("GET {path} HTTP/1.1\r\nHost: gw\r\nAuthorization: {ADMIN}\r\nConnection: close\r\n\r\n");
         let status = raw_status(&raw(gw.addr, req.as_bytes()).await);
-        let expected = flaggate::path::canonicalize(&path);
+        let expected = flaggate::internals::canonicalize(&path);
         let seen = up.seen();
         match expected {
             Ok(canonical) => {
@@ -177,7 +177,7 @@ async fn property_forwarded_path_equals_authorized_canonical_path() {
                 );
                 // Re-parsing the forwarded path yields the same canonical path (a fixed point).
                 assert_eq!(
-                    flaggate::path::canonicalize(&seen[0].target).unwrap().as_str(),
+                    flaggate::internals::canonicalize(&seen[0].target).unwrap().as_str(),
                     canonical.as_str()
                 );
             }

@@ -156,7 +156,7 @@ fn token_explain_shows_kind_and_reach_but_never_the_secret() {
         "{text}"
     );
     assert!(!text.contains("s3cr3t"), "secret echoed: {text}");
-    let fp = &flaggate::token::Digest::of("default:production.s3cr3t-value")
+    let fp = &flaggate::internals::Digest::of("default:production.s3cr3t-value")
         .fingerprint()
         .to_string();
     assert!(text.contains(fp));

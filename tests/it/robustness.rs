@@ -323,7 +323,7 @@ async fn random_requests_never_crash_hang_or_smuggle_a_path_upstream() {
             r
         );
         assert_eq!(
-            flaggate::path::canonicalize(r.path()).map(|c| c.as_str().to_string()),
+            flaggate::internals::canonicalize(r.path()).map(|c| c.as_str().to_string()),
             Ok(r.path().to_string()),
             "seed {seed}: forwarded path is not a fixed point of canonicalization"
         );

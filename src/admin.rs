@@ -109,8 +109,18 @@ fn ready(state: &Readiness) -> Response<Full<Bytes>> {
             &json!({"ready": false, "reason": format!("waiting for the {} token set", source.as_str())}),
         );
     }
+    // How old the served Unleash token set is (from the sync it came from, also across a restart from
+    // the snapshot), and whether this process has reached Unleash at all since it started.
+    let synced_since_start = state
+        .sync
+        .as_ref()
+        .map(|s| s.synced_since_start.load(Ordering::Acquire));
     json_response(
         StatusCode::OK,
-        &json!({"ready": true, "last_sync_age_seconds": state.sync_age()}),
+        &json!({
+            "ready": true,
+            "last_sync_age_seconds": state.sync_age(),
+            "synced_since_start": synced_since_start,
+        }),
     )
 }

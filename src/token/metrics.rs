@@ -4,7 +4,8 @@
 use super::store::TokenStore;
 use super::unleash::SyncStatus;
 use crate::telemetry::{must, register, register_sampled};
-use prometheus::{Gauge, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 #[derive(Clone)]
@@ -98,11 +99,22 @@ impl TokenMetrics {
                 }
             },
         );
+        if let Some(status) = &sync {
+            let status = status.clone();
+            register_sampled(
+                registry,
+                must(IntGauge::new(
+                    "flaggate_token_sync_synced_since_start",
+                    "1 once a token sync has succeeded since this process started; 0 while it serves only the snapshot (or nothing)",
+                )),
+                move |g| g.set(i64::from(status.synced_since_start.load(Ordering::Acquire))),
+            );
+        }
         register_sampled(
             registry,
             must(Gauge::new(
                 "flaggate_token_sync_age_seconds",
-                "Seconds since the last successful token sync (-1 = never); how stale the served set may be",
+                "Seconds since the sync the served Unleash token set came from, also across a restart from the snapshot (-1 = never synced, no snapshot); how stale the served set may be",
             )),
             move |g| g.set(sync.as_ref().and_then(|s| s.age_seconds()).unwrap_or(-1.0)),
         );

@@ -14,7 +14,18 @@ pub const FILE_NAME: &str = "unleash-tokens.snapshot.json";
 struct Snapshot {
     version: u32,
     written_at: i64,
+    /// Unix milliseconds of the sync this set came from: a restart from the snapshot counts the set's
+    /// age from here, so an old set is seen as old. (Absent in snapshots written before it existed: then
+    /// `written_at`, which is the same moment to the second.)
+    #[serde(default)]
+    synced_at_ms: Option<i64>,
     tokens: Vec<Entry>,
+}
+
+/// A token set read back, with the time of the sync it came from.
+pub struct Loaded {
+    pub set: TokenSet,
+    pub synced_at_ms: i64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -27,15 +38,62 @@ struct Entry {
     expires_at: Option<i64>,
 }
 
+/// Next to the snapshot: when a later sync found the list unchanged (a 304), so that a restart counts the
+/// set's age from the last time Unleash confirmed it, without rewriting a large file every interval.
+pub const CONFIRMED_NAME: &str = "unleash-tokens.confirmed.json";
+
+#[derive(Serialize, Deserialize)]
+struct Confirmed {
+    /// The snapshot (its `written_at`) this confirmation is about; any other snapshot ignores it.
+    snapshot_written_at: i64,
+    confirmed_at_ms: i64,
+}
+
 pub fn path_in(dir: &Path) -> PathBuf {
     dir.join(FILE_NAME)
 }
 
-pub fn write(dir: &Path, set: &TokenSet) -> std::io::Result<()> {
+/// Writes `bytes` to `dir/name`, 0600, through a temp file renamed into place.
+fn write_file(dir: &Path, name: &str, bytes: &[u8], sync: bool) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp)?;
+    f.write_all(bytes)?;
+    if sync {
+        f.sync_all()?;
+    }
+    drop(f);
+    std::fs::rename(&tmp, dir.join(name))
+}
+
+/// Records that the snapshot written at `snapshot_written_at` was confirmed by Unleash now. Not synced
+/// to disk: a crash loses at most the latest confirmation, which only makes the set look older.
+pub fn confirm(dir: &Path, snapshot_written_at: i64, confirmed_at_ms: i64) -> std::io::Result<()> {
+    let c = Confirmed {
+        snapshot_written_at,
+        confirmed_at_ms,
+    };
+    write_file(
+        dir,
+        CONFIRMED_NAME,
+        &serde_json::to_vec(&c).map_err(std::io::Error::other)?,
+        false,
+    )
+}
+
+/// Writes the set from the sync made at `synced_at_ms`; returns the snapshot's `written_at`.
+pub fn write(dir: &Path, set: &TokenSet, synced_at_ms: i64) -> std::io::Result<i64> {
     std::fs::create_dir_all(dir)?;
     let snap = Snapshot {
         version: 1,
         written_at: super::now_unix(),
+        synced_at_ms: Some(synced_at_ms),
         tokens: set
             .iter()
             .map(|(d, i)| Entry {
@@ -49,22 +107,11 @@ pub fn write(dir: &Path, set: &TokenSet) -> std::io::Result<()> {
             .collect(),
     };
     let bytes = serde_json::to_vec(&snap).map_err(std::io::Error::other)?;
-    let tmp = dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(&tmp)?;
-    f.write_all(&bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path_in(dir))
+    write_file(dir, FILE_NAME, &bytes, true)?;
+    Ok(snap.written_at)
 }
 
-pub fn read(dir: &Path) -> Result<TokenSet, String> {
+pub fn read(dir: &Path) -> Result<Loaded, String> {
     let p = path_in(dir);
     let bytes = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
     let snap: Snapshot = serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", p.display()))?;
@@ -91,5 +138,39 @@ pub fn read(dir: &Path) -> Result<TokenSet, String> {
             }),
         );
     }
-    Ok(set)
+    let synced = snap.synced_at_ms.unwrap_or(snap.written_at * 1000);
+    let confirmed = std::fs::read(dir.join(CONFIRMED_NAME))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Confirmed>(&b).ok())
+        .filter(|c| c.snapshot_written_at == snap.written_at)
+        .map_or(0, |c| c.confirmed_at_ms);
+    Ok(Loaded {
+        set,
+        synced_at_ms: synced.max(confirmed),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sets_age_counts_from_its_sync_or_a_later_confirmation_of_the_same_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let set = TokenSet::new();
+        let written = write(dir.path(), &set, 1_000_000).unwrap();
+        assert_eq!(read(dir.path()).unwrap().synced_at_ms, 1_000_000);
+        confirm(dir.path(), written, 2_000_000).unwrap();
+        assert_eq!(
+            read(dir.path()).unwrap().synced_at_ms,
+            2_000_000,
+            "a later 304 confirmed it"
+        );
+        confirm(dir.path(), written - 1, 3_000_000).unwrap();
+        assert_eq!(
+            read(dir.path()).unwrap().synced_at_ms,
+            1_000_000,
+            "a confirmation of another snapshot says nothing about this one"
+        );
+    }
 }

@@ -26,6 +26,8 @@ pub const MAX_TOKEN_LIST_BYTES: usize = 512 * 1024 * 1024;
 pub const EARLY_SYNC_DEBOUNCE: Duration = Duration::from_secs(1);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKOFF_START: Duration = Duration::from_millis(500);
+/// How often an unchanged list's confirmation is written next to the snapshot.
+const CONFIRM_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SyncError {
@@ -130,10 +132,13 @@ pub fn parse_token_list(body: &[u8]) -> Result<(TokenSet, usize), SyncError> {
 /// How fresh the Unleash set is, for `/ready`, metrics and logs.
 #[derive(Default)]
 pub struct SyncStatus {
-    /// Unix milliseconds of the last successful sync (200 or 304), 0 if none.
+    /// Unix milliseconds of the last successful sync (200 or 304) of the set being served — also one
+    /// made before a restart, when the set came from the snapshot — 0 if none.
     pub last_success_ms: AtomicI64,
     /// The last attempt failed: misses must not wait for a re-sync that backoff will not start.
     pub failing: AtomicBool,
+    /// A sync has succeeded since this process started (false while serving only the snapshot).
+    pub synced_since_start: AtomicBool,
 }
 
 impl SyncStatus {
@@ -162,6 +167,8 @@ pub struct UnleashSync {
     state_dir: Option<PathBuf>,
     pub status: Arc<SyncStatus>,
     etag: Mutex<Option<HeaderValue>>,
+    /// The snapshot on disk (its `written_at`) and when its confirmation was last written.
+    snapshot_state: Mutex<(Option<i64>, i64)>,
     wake: Notify,
     done: watch::Sender<u64>,
     last_early: AtomicI64,
@@ -190,6 +197,7 @@ impl UnleashSync {
             state_dir,
             status: Arc::new(SyncStatus::default()),
             etag: Mutex::new(None),
+            snapshot_state: Mutex::new((None, 0)),
             wake: Notify::new(),
             done: watch::channel(0).0,
             last_early: AtomicI64::new(-(EARLY_SYNC_DEBOUNCE.as_millis() as i64)),
@@ -239,7 +247,10 @@ impl UnleashSync {
             Err(e) => return Err(SyncError::Unreachable(e.detail())),
         };
         match resp.status() {
-            StatusCode::NOT_MODIFIED => return Ok("unchanged"),
+            StatusCode::NOT_MODIFIED => {
+                self.confirm_snapshot().await;
+                return Ok("unchanged");
+            }
             StatusCode::OK => {}
             s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => return Err(SyncError::Rejected(s.as_u16())),
             s => return Err(SyncError::Status(s.as_u16())),
@@ -271,22 +282,57 @@ impl UnleashSync {
             );
         }
         if let Some((dir, set)) = snapshot {
-            let r = tokio::task::spawn_blocking(move || snapshot::write(&dir, &set)).await;
-            if let Ok(Err(e)) | Err(e) = r.map_err(std::io::Error::other) {
-                tracing::warn!(error = %e, "could not write the token snapshot");
+            let synced = now_ms();
+            match tokio::task::spawn_blocking(move || snapshot::write(&dir, &set, synced)).await {
+                Ok(Ok(written_at)) => {
+                    *self.snapshot_state.lock().unwrap_or_else(|e| e.into_inner()) = (Some(written_at), synced)
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not write the token snapshot"),
+                Err(e) => tracing::warn!(error = %e, "could not write the token snapshot"),
             }
         }
         Ok("ok")
     }
 
-    /// Loads the snapshot into the store, used when the first sync fails.
+    /// After an unchanged list: records that the snapshot on disk is still Unleash's list, at most once
+    /// every [`CONFIRM_EVERY`], so that a restart counts its age from now and not from the last change.
+    async fn confirm_snapshot(&self) {
+        let Some(dir) = self.state_dir.clone() else { return };
+        let now = now_ms();
+        let written_at = {
+            let mut state = self.snapshot_state.lock().unwrap_or_else(|e| e.into_inner());
+            match *state {
+                (Some(w), last) if now - last >= CONFIRM_EVERY.as_millis() as i64 => {
+                    state.1 = now;
+                    w
+                }
+                _ => return,
+            }
+        };
+        let r = tokio::task::spawn_blocking(move || snapshot::confirm(&dir, written_at, now)).await;
+        if let Ok(Err(e)) | Err(e) = r.map_err(std::io::Error::other) {
+            tracing::debug!(error = %e, "could not record the token snapshot's confirmation");
+        }
+    }
+
+    /// Loads the snapshot into the store, used when the first sync fails. The set's age counts from the
+    /// sync it came from: an old snapshot is reported as old, in `/ready` and the metrics.
     fn load_snapshot(&self) {
         let Some(dir) = &self.state_dir else { return };
         match snapshot::read(dir) {
-            Ok(set) => {
-                let n = set.len();
-                self.store.replace_source(TokenSource::Unleash, set);
-                tracing::warn!(tokens = n, "Unleash unavailable at start: serving the token snapshot");
+            Ok(loaded) => {
+                let n = loaded.set.len();
+                self.store.replace_source(TokenSource::Unleash, loaded.set);
+                self.status
+                    .last_success_ms
+                    .store(loaded.synced_at_ms, Ordering::Release);
+                self.metrics.sync_last_success.set(loaded.synced_at_ms as f64 / 1000.0);
+                let age_seconds = (now_ms() - loaded.synced_at_ms).max(0) / 1000;
+                tracing::warn!(
+                    tokens = n,
+                    age_seconds,
+                    "Unleash unavailable at start: serving the token snapshot (revocations since its sync are not applied)"
+                );
             }
             Err(e) => tracing::warn!(error = %e, "no usable token snapshot"),
         }
@@ -307,6 +353,7 @@ impl UnleashSync {
                 Ok(label) => {
                     let now = now_ms();
                     self.status.last_success_ms.store(now, Ordering::Release);
+                    self.status.synced_since_start.store(true, Ordering::Release);
                     self.metrics.sync_last_success.set(now as f64 / 1000.0);
                     self.metrics.sync.with_label_values(&[label]).inc();
                     if failing.take().is_some() {

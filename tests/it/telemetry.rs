@@ -232,8 +232,14 @@ fn is_target_health(expr: &str) -> bool {
 
 #[tokio::test]
 async fn dashboard_and_alert_rules_only_query_metrics_that_exist() {
-    let up = upstream().route("*", |_| ok_json("{}")).run().await;
-    let gw = gateway().upstream(up.url()).token(CLIENT, "client").start().await;
+    // Both token sources (a file and Unleash sync): every metric either mode exports is in the scrape.
+    let unleash = crate::support::unleash::mock_unleash().await;
+    let gw = gateway()
+        .upstream(unleash.url())
+        .token(CLIENT, "client")
+        .unleash_sync("1s")
+        .start()
+        .await;
     request(gw.addr, "/api/client/features", Some(CLIENT), "warmup").await;
     let scrape = get(gw.admin, "/metrics", None).await.text();
     let exists = |name: &str| {

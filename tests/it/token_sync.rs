@@ -392,3 +392,87 @@ async fn a_pat_that_cannot_be_checked_during_an_outage_is_a_502_not_a_401() {
         "not cached as invalid"
     );
 }
+
+/// The real binary, restarted from its snapshot while Unleash is down: the served set's age counts from
+/// the sync it came from (not "never"), `/ready` and the metrics say so, and that this process has not
+/// reached Unleash since it started — until it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_from_the_snapshot_reports_how_old_the_served_set_is() {
+    use crate::support::binary::spawn;
+    use crate::support::unleash::SYNC_TOKEN;
+    let u = mock_unleash().await;
+    u.state.add(CLIENT, "client", None);
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().display().to_string();
+    let url = u.url();
+    let args = [
+        "run",
+        "--upstream",
+        &url,
+        "--upstream-token",
+        SYNC_TOKEN,
+        "--sync-interval",
+        "300ms",
+        "--state-dir",
+        &dir,
+    ];
+    let first = spawn(&args);
+    assert!(ready_within(first.admin, patience(Duration::from_secs(5)))
+        .await
+        .is_some());
+    assert_eq!(metric(first.admin, "flaggate_token_sync_synced_since_start").await, 1.0);
+    let snap = state.path().join(flaggate::internals::SNAPSHOT_FILE_NAME);
+    assert!(within(patience(Duration::from_secs(2)), || async { snap.exists() })
+        .await
+        .is_some());
+
+    // Unleash goes down, then flaggate is restarted; its set is at least as old as the outage.
+    u.state.failure.store(503, Ordering::SeqCst);
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second = spawn(&args);
+    assert!(
+        ready_within(second.admin, patience(Duration::from_secs(5)))
+            .await
+            .is_some(),
+        "ready from the snapshot"
+    );
+    assert_eq!(
+        get(second.proxy, "/api/client/features", Some(CLIENT)).await.status,
+        200
+    );
+    let age = metric(second.admin, "flaggate_token_sync_age_seconds").await;
+    assert!(
+        age >= 1.4,
+        "the snapshot's set is reported {age} s old, not as old as it is"
+    );
+    assert_eq!(
+        metric(second.admin, "flaggate_token_sync_synced_since_start").await,
+        0.0
+    );
+    let ready = get(second.admin, "/ready", None).await.json();
+    assert!(
+        ready["last_sync_age_seconds"].as_f64().is_some_and(|a| a >= 1.4),
+        "{ready}"
+    );
+    assert_eq!(ready["synced_since_start"], false, "{ready}");
+    // Time passes during the outage: the age keeps growing (the alert on it can fire).
+    metric_eventually(
+        second.admin,
+        "flaggate_token_sync_age_seconds",
+        |v| v >= age + 0.5,
+        patience(Duration::from_secs(5)),
+    )
+    .await;
+
+    // Unleash is back: this process syncs, and the set is fresh again.
+    u.state.failure.store(0, Ordering::SeqCst);
+    metric_eventually(
+        second.admin,
+        "flaggate_token_sync_synced_since_start",
+        |v| v == 1.0,
+        patience(Duration::from_secs(10)),
+    )
+    .await;
+    assert!(metric(second.admin, "flaggate_token_sync_age_seconds").await < 2.0);
+}

@@ -148,7 +148,13 @@ pub async fn start(cfg: Config, settings: Option<Settings>) -> Result<Running, S
     let sync_status = unleash.as_ref().map(|u| u.sync.status.clone());
     TokenMetrics::watch(&registry, store.clone(), sync_status.clone());
     let auth = Authenticator::new(store.clone(), unleash, token_metrics.clone());
-    let gateway = Arc::new(Gateway::new(&cfg, auth, upstream, ProxyMetrics::register(&registry)));
+    let gateway = Arc::new(Gateway::new(
+        &cfg,
+        auth,
+        upstream,
+        ProxyMetrics::register(&registry),
+        &registry,
+    ));
     let readiness = Readiness {
         store: store.clone(),
         draining: Default::default(),

@@ -115,6 +115,15 @@ pub struct Config {
     pub pat_negative_ttl: Duration,
     pub rate_limits: crate::ratelimit::RateLimits,
     pub routes: Vec<Rule>,
+    pub shield: bool,
+    pub shield_ttl: Duration,
+    pub shield_revalidate_wait: Duration,
+    /// Zero: nothing is served stale.
+    pub shield_max_stale: Duration,
+    pub shield_idle_ttl: Duration,
+    pub shield_max_bytes: u64,
+    pub shield_max_entry_bytes: usize,
+    pub shield_max_query_variants: usize,
     /// Each setting as `check-config` shows it (secrets redacted), by key: what a reload compares.
     pub shown: std::collections::BTreeMap<&'static str, String>,
 }
@@ -235,6 +244,15 @@ pub(crate) fn parse_bytes(s: &str) -> Result<u64, String> {
         return Err(format!("`{s}` must be a positive size"));
     }
     Ok(bytes as u64)
+}
+
+/// `on`/`off` (also `true`/`false`, `yes`/`no`).
+pub(crate) fn parse_switch(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("`{s}` is not on or off")),
+    }
 }
 
 pub fn parse_log_format(s: &str) -> Result<LogFormat, String> {

@@ -22,6 +22,7 @@ pub(crate) mod path;
 pub(crate) mod policy;
 pub(crate) mod proxy;
 pub(crate) mod ratelimit;
+pub(crate) mod shield;
 pub(crate) mod tls;
 pub(crate) mod token;
 pub(crate) mod upstream;

@@ -53,6 +53,8 @@ struct Outcome {
     path: Option<String>,
     /// The upstream slot this request holds, passed on to its response body.
     slot: Option<Slot>,
+    /// How the shield answered, if it did.
+    cache: Option<crate::shield::Note>,
 }
 
 /// A request between its head and its response: owns what the record phase needs, so that a request
@@ -118,6 +120,7 @@ impl Pending<'_> {
             request_id: self.request_id.clone(),
             gateway_time,
             upstream_time: out.upstream_time,
+            cache: out.cache,
             error: rejection
                 .filter(|r| r.blame() != Blame::Downstream)
                 .map(|r| r.to_string()),
@@ -178,6 +181,7 @@ pub async fn handle(
             upstream_time: None,
             path: None,
             slot: None,
+            cache: None,
         },
         open: true,
     };
@@ -241,6 +245,9 @@ async fn run_phases(
 
     let grant = authorize(gw, &head, &parts, credential.as_ref())?;
     prepare(gw, &mut parts, &head, &grant, uri.query(), ctx, request_id)?;
+    if let Some(resp) = shield(gw, &parts, &head, &grant, credential.as_ref(), uri.query(), out).await? {
+        return Ok(resp);
+    }
     let (limits, timeout) = (live.body, live.upstream_timeout);
     drop(live);
     forward(gw, parts, body, &grant, limits, timeout, ctx, out).await
@@ -366,6 +373,61 @@ fn prepare(
     Ok(())
 }
 
+/// Phase 4½, shield. Contract: answers an SDK feature poll (authorized, rate-limited, prepared) from
+/// the shield's cache when it is cacheable and the shield has an answer; `None` to forward as usual.
+async fn shield(
+    gw: &Gateway,
+    parts: &Parts,
+    head: &Head<'_>,
+    grant: &Grant,
+    credential: Option<&Credential>,
+    query: Option<&str>,
+    out: &mut Outcome,
+) -> Result<Option<Response<ProxyBody>>, Rejection> {
+    let (Grant::Token(digest), Some(info)) = (grant, credential.and_then(|c| c.info.as_ref())) else {
+        return Ok(None);
+    };
+    if !gw.shield.enabled() {
+        return Ok(None);
+    }
+    let key = match crate::shield::classify(
+        &parts.method,
+        head.path.as_str(),
+        query,
+        &parts.headers,
+        info.kind,
+        *digest,
+    ) {
+        None => return Ok(None),
+        Some(crate::shield::Class::Bypass(reason)) => {
+            gw.shield.bypassed(reason);
+            return Ok(None);
+        }
+        Some(crate::shield::Class::Cacheable(key)) => key,
+    };
+    let client_etag = parts.headers.get(http::header::IF_NONE_MATCH);
+    let gzip = crate::shield::accepts_gzip(&parts.headers);
+    let asked = Instant::now();
+    let served = gw.shield.serve(key, parts, client_etag, gzip).await;
+    let waited = |out: &mut Outcome, note: &crate::shield::Note| {
+        out.cache = Some(*note);
+        if !matches!(note.result, "hit" | "hit_304") {
+            out.upstream_time = Some(asked.elapsed());
+        }
+    };
+    match served {
+        crate::shield::Served::Answer(resp, note) => {
+            waited(out, &note);
+            Ok(Some(resp.map(Either::Right)))
+        }
+        crate::shield::Served::Failed(e, note) => {
+            waited(out, &note);
+            Err(Rejection::Upstream(e))
+        }
+        crate::shield::Served::Forward(_) => Ok(None),
+    }
+}
+
 /// Phase 5. Contract: the body (up to the buffer) is read before a slot is taken, so a slow client
 /// costs its own connection and never one of Unleash's slots; a preflight goes without one. Records
 /// the slot and the upstream time in `out` as it goes.
@@ -388,7 +450,7 @@ async fn forward(
             .map_err(|f| f.rejection(limits.max))?,
     };
     let owner = Owner {
-        connection: &ctx.share,
+        connection: Some(&ctx.share),
         token: match grant {
             Grant::Token(d) => Some(&d.0),
             Grant::Preflight => None,

@@ -313,6 +313,22 @@ impl Settings {
             pat_negative_ttl: l.req("pat_negative_ttl", parse_duration)?,
             rate_limits,
             routes,
+            shield: l.req("shield", parse_switch)?,
+            shield_ttl: l.req("shield_ttl", |v| match parse_duration(v)? {
+                d if d < Duration::from_secs(1) || d > Duration::from_secs(60) => {
+                    Err(format!("`{v}` is outside 1s-60s"))
+                }
+                d => Ok(d),
+            })?,
+            shield_revalidate_wait: l.req("shield_revalidate_wait", parse_duration)?,
+            shield_max_stale: l.req("shield_max_stale", |v| match v.trim() {
+                "0" | "off" => Ok(Duration::ZERO),
+                v => parse_duration(v),
+            })?,
+            shield_idle_ttl: l.req("shield_idle_ttl", parse_duration)?,
+            shield_max_bytes: l.req("shield_max_bytes", parse_bytes)?,
+            shield_max_entry_bytes: l.req("shield_max_entry_bytes", |v| parse_bytes(v).map(|n| n as usize))?,
+            shield_max_query_variants: l.req("shield_max_query_variants", parse_count)?,
             shown: BTreeMap::new(),
         };
         if cfg.listen == cfg.admin_listen && cfg.listen.port() != 0 {

@@ -256,6 +256,38 @@ settings! {
         env: "FLAGGATE_RATE_LIMIT_PAT", value: "RATE[:BURST]", shown: "off", unset: "off", apply: live,
         help: "Per-token rate limit for personal access tokens",
     }
+    shield {
+        env: "FLAGGATE_SHIELD", value: "on|off", default: "on", apply: live,
+        help: "Answer SDK feature polls (GET /api/client/features, client/backend tokens) from a per-token cache revalidated with Unleash's ETag; off forwards every poll",
+    }
+    shield_ttl {
+        env: "FLAGGATE_SHIELD_TTL", value: "DURATION", default: "5s", apply: live,
+        help: "A cached feature document younger than this is served without asking Unleash (1s-60s); SDKs see changes within this plus their poll interval",
+    }
+    shield_revalidate_wait {
+        env: "FLAGGATE_SHIELD_REVALIDATE_WAIT", value: "DURATION", default: "2s", apply: live,
+        help: "How long a poll waits for a revalidation with Unleash before it is served the document in hand",
+    }
+    shield_max_stale {
+        env: "FLAGGATE_SHIELD_MAX_STALE", value: "DURATION", default: "1h", apply: live,
+        help: "While Unleash fails (transport errors, timeouts, 5xx, 429), a document confirmed at most this long ago is served; 0 serves nothing stale",
+    }
+    shield_idle_ttl {
+        env: "FLAGGATE_SHIELD_IDLE_TTL", value: "DURATION", default: "10m", apply: restart,
+        help: "A cached document nobody polled for this long is dropped",
+    }
+    shield_max_bytes {
+        env: "FLAGGATE_SHIELD_MAX_BYTES", value: "SIZE", default: "256MiB", apply: restart,
+        help: "Memory for cached feature documents (bodies, gzip copies, headers, keys); beyond it the least useful are evicted",
+    }
+    shield_max_entry_bytes {
+        env: "FLAGGATE_SHIELD_MAX_ENTRY_BYTES", value: "SIZE", default: "32MiB", apply: restart,
+        help: "A feature document larger than this is not cached (forwarded as without the shield)",
+    }
+    shield_max_query_variants {
+        env: "FLAGGATE_SHIELD_MAX_QUERY_VARIANTS", value: "N", default: "8", apply: live,
+        help: "Distinct queries (?project=, ?namePrefix=, ?tag=) one token may have cached; more are forwarded",
+    }
     pat_rate_limit {
         env: "FLAGGATE_PAT_RATE_LIMIT", value: "N", default: "10", apply: restart,
         help: "Most PAT checks per second sent to Unleash (Unleash-sync mode)",

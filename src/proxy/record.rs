@@ -31,6 +31,8 @@ pub struct Record {
     pub request_id: HeaderValue,
     pub gateway_time: Duration,
     pub upstream_time: Option<Duration>,
+    /// How the shield answered (and the age of the document it served), if it considered the request.
+    pub cache: Option<crate::shield::Note>,
     pub error: Option<String>,
 }
 
@@ -56,6 +58,8 @@ impl Record {
             gateway_us = self.gateway_time.as_micros() as u64,
             upstream_us = self.upstream_time.map(|t| t.as_micros() as u64),
             total_us = self.started.elapsed().as_micros() as u64,
+            cache = self.cache.map(|c| c.result),
+            cache_age_ms = self.cache.and_then(|c| c.age).map(|a| a.as_millis() as u64),
             error = self.error.as_deref(),
             "request"
         );

@@ -8,6 +8,7 @@ use super::server::ConnLimits;
 use crate::config::Config;
 use crate::policy::Policy;
 use crate::ratelimit::RateLimiter;
+use crate::shield::{self, Shield};
 use crate::token::auth::Authenticator;
 use crate::upstream::{self, ConnShare, Upstream};
 use arc_swap::ArcSwap;
@@ -24,6 +25,8 @@ pub struct Gateway {
     pub metrics: ProxyMetrics,
     /// Per-token rate limits; kept across reloads so that a reload does not refill every bucket.
     pub limiter: RateLimiter,
+    /// The feature-poll cache in front of Unleash.
+    pub shield: Shield,
     /// Route class of requests refused before routing (`none`), shared instead of allocated each time.
     pub unrouted: Arc<str>,
 }
@@ -54,10 +57,22 @@ impl Live {
 }
 
 impl Gateway {
-    pub fn new(cfg: &Config, auth: Authenticator, upstream: Arc<Upstream>, metrics: ProxyMetrics) -> Gateway {
+    pub fn new(
+        cfg: &Config,
+        auth: Authenticator,
+        upstream: Arc<Upstream>,
+        metrics: ProxyMetrics,
+        registry: &prometheus::Registry,
+    ) -> Gateway {
         Gateway {
             live: ArcSwap::from_pointee(Live::from_config(cfg)),
             auth,
+            shield: Shield::new(
+                shield::Live::from_config(cfg),
+                shield::Sizes::from_config(cfg),
+                upstream.clone(),
+                registry,
+            ),
             upstream,
             metrics,
             limiter: RateLimiter::new(cfg.rate_limits.clone()),
@@ -71,6 +86,7 @@ impl Gateway {
         self.live.store(Arc::new(Live::from_config(cfg)));
         self.upstream.resize(cfg.upstream_max_inflight, upstream::shares(cfg));
         self.limiter.set_limits(cfg.rate_limits.clone());
+        self.shield.set_live(shield::Live::from_config(cfg));
     }
 }
 

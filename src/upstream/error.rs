@@ -51,6 +51,24 @@ impl UpstreamError {
     pub fn detail(&self) -> String {
         chain(self)
     }
+
+    /// The same failure for another answer (one fill's failure is every waiter's): same kind, its
+    /// causes kept as text.
+    pub fn copy(&self) -> UpstreamError {
+        let cause = || -> BoxError {
+            let mut causes = sources(self).skip(1).map(|s| s.to_string()).collect::<Vec<_>>();
+            causes.dedup();
+            causes.join(": ").into()
+        };
+        match self {
+            UpstreamError::Connect(_) => UpstreamError::Connect(cause()),
+            UpstreamError::ConnectTimeout(_) => UpstreamError::ConnectTimeout(cause()),
+            UpstreamError::Tls(_) => UpstreamError::Tls(cause()),
+            UpstreamError::Timeout(d) => UpstreamError::Timeout(*d),
+            UpstreamError::Protocol(_) => UpstreamError::Protocol(cause()),
+            UpstreamError::Saturated(s) => UpstreamError::Saturated(*s),
+        }
+    }
 }
 
 /// Whether `e` is a rustls error, also when wrapped in `io::Error`s (whose `source()` skips the error

@@ -83,7 +83,8 @@ impl ConnShare {
 
 /// What a request's slot is counted against besides the pool.
 pub struct Owner<'a> {
-    pub connection: &'a ConnShare,
+    /// `None` for the gateway's own requests on a client's behalf (shield fills): no connection holds them.
+    pub connection: Option<&'a ConnShare>,
     /// The token's digest bytes; `None` for an anonymous request.
     pub token: Option<&'a [u8; 32]>,
 }
@@ -121,13 +122,15 @@ impl Held {
 pub struct Slot {
     pool: Arc<Slots>,
     /// `None` for a slot taken for the gateway's own requests (token sync, PAT checks).
-    owned: Option<(ConnShare, Held)>,
+    owned: Option<(Option<ConnShare>, Held)>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some((conn, held)) = &self.owned {
-            conn.0.fetch_sub(1, SeqCst);
+            if let Some(conn) = conn {
+                conn.0.fetch_sub(1, SeqCst);
+            }
             held.counter().fetch_sub(1, SeqCst);
         }
         self.pool.give_back();
@@ -192,13 +195,13 @@ impl Slots {
     /// in the pool (queued for the wait when full).
     pub async fn take_for(self: &Arc<Self>, owner: Owner<'_>) -> Result<Slot, Saturated> {
         let shares = self.shares();
-        if !claim(&owner.connection.0, shares.per_connection) {
+        if owner.connection.is_some_and(|c| !claim(&c.0, shares.per_connection)) {
             return Err(Saturated {
                 scope: Scope::Connection,
                 max: shares.per_connection as usize,
             });
         }
-        let conn = owner.connection.clone();
+        let conn = owner.connection.cloned();
         let (held, scope) = match owner.token {
             Some(digest) => (
                 Held::Token(
@@ -210,7 +213,9 @@ impl Slots {
             None => (Held::Anonymous(self.anonymous.clone()), Scope::Anonymous),
         };
         if !claim(held.counter(), shares.per_token) {
-            conn.0.fetch_sub(1, SeqCst);
+            if let Some(conn) = &conn {
+                conn.0.fetch_sub(1, SeqCst);
+            }
             return Err(Saturated {
                 scope,
                 max: shares.per_token as usize,
@@ -281,10 +286,10 @@ impl Slots {
 
 /// Owner counts claimed for a request that is still waiting for its pool slot: given back if the wait
 /// fails or the client leaves.
-struct OwnedClaim(Option<(ConnShare, Held)>);
+struct OwnedClaim(Option<(Option<ConnShare>, Held)>);
 
 impl OwnedClaim {
-    fn into_inner(mut self) -> Option<(ConnShare, Held)> {
+    fn into_inner(mut self) -> Option<(Option<ConnShare>, Held)> {
         self.0.take()
     }
 }
@@ -292,7 +297,9 @@ impl OwnedClaim {
 impl Drop for OwnedClaim {
     fn drop(&mut self) {
         if let Some((conn, held)) = &self.0 {
-            conn.0.fetch_sub(1, SeqCst);
+            if let Some(conn) = conn {
+                conn.0.fetch_sub(1, SeqCst);
+            }
             held.counter().fetch_sub(1, SeqCst);
         }
     }
@@ -410,7 +417,7 @@ mod tests {
         let conn = ConnShare::default();
         let (a, b) = ([1u8; 32], [2u8; 32]);
         let owner = |t| Owner {
-            connection: &conn,
+            connection: Some(&conn),
             token: t,
         };
         let first = slots.take_for(owner(Some(&a))).await.unwrap();
@@ -434,7 +441,7 @@ mod tests {
         let other_conn = ConnShare::default();
         let queued = slots
             .take_for(Owner {
-                connection: &other_conn,
+                connection: Some(&other_conn),
                 token: Some(&b),
             })
             .await

@@ -46,6 +46,7 @@ async fn a_request_whose_client_leaves_is_logged_and_counted_and_its_h2_connecti
     let gw = gateway()
         .upstream(up.url())
         .token(CLIENT, "client")
+        .shield_off()
         .settings(|s| s.idle_timeout = Some("1s".into()))
         .start()
         .await;
@@ -117,7 +118,12 @@ async fn a_client_resetting_forwarded_streams_is_cut_off_past_its_budget_without
         .route("*", |_| ok_json(r#"{"features":[]}"#))
         .run()
         .await;
-    let gw = gateway().upstream(up.url()).token(CLIENT, "client").start().await;
+    let gw = gateway()
+        .upstream(up.url())
+        .token(CLIENT, "client")
+        .shield_off()
+        .start()
+        .await;
     let mut conn = h2(gw.addr).await;
     let mut sent = 0;
     for i in 0..400 {

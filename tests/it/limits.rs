@@ -470,6 +470,7 @@ async fn one_upstream_slot(up: &support::MockUpstream) -> support::TestGateway {
     gateway()
         .upstream(up.url())
         .token(CLIENT, "client")
+        .shield_off()
         .settings(|s| {
             s.upstream_max_inflight = Some("1".into());
             s.upstream_max_inflight_per_token = Some("10".into());

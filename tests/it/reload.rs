@@ -150,6 +150,7 @@ async fn upstream_slots_are_resized_by_a_reload_without_dropping_open_streams() 
         .run()
         .await;
     let gw = gateway()
+        .shield_off()
         .upstream(up.url())
         .token(CLIENT, "client")
         .config(

@@ -420,7 +420,13 @@ async fn a_restart_from_the_snapshot_reports_how_old_the_served_set_is() {
     assert!(ready_within(first.admin, patience(Duration::from_secs(5)))
         .await
         .is_some());
-    assert_eq!(metric(first.admin, "flaggate_token_sync_synced_since_start").await, 1.0);
+    metric_eventually(
+        first.admin,
+        "flaggate_token_sync_synced_since_start",
+        |v| v == 1.0,
+        patience(Duration::from_secs(2)),
+    )
+    .await;
     let snap = state.path().join(flaggate::internals::SNAPSHOT_FILE_NAME);
     assert!(within(patience(Duration::from_secs(2)), || async { snap.exists() })
         .await

@@ -100,6 +100,11 @@ impl Builder {
         self.token_file = false;
         self
     }
+    /// Without the shield (`shield = off`): every feature poll is forwarded, for tests about forwarding.
+    pub fn shield_off(mut self) -> Self {
+        self.settings.shield = Some("off".into());
+        self
+    }
     /// Sync from a mock Unleash with its admin token, every `interval`.
     pub fn unleash_sync(mut self, interval: &str) -> Self {
         self.settings.upstream_token = Some(super::unleash::SYNC_TOKEN.into());

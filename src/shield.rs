@@ -1,0 +1,626 @@
+//! Shield Unleash: SDK feature polls (`GET /api/client/features` with a client/backend token) are
+//! answered from a per-token document cache that is revalidated with Unleash's own ETag, so Unleash sees
+//! about one request per key per TTL (mostly 304s) instead of every poll, and SDKs keep getting their
+//! flags while Unleash is down.
+//!
+//! Correctness rules (from Unleash Edge's cache bugs, see the research brief):
+//! - a document is only ever served to the token that fetched it (the key holds the token's digest),
+//!   byte for byte with Unleash's ETag, and whole — never merged, filtered or re-hashed;
+//! - authentication and authorization run first: a removed, expired or unknown token gets its 401
+//!   from memory even when its key is warm;
+//! - after the TTL, ONE revalidation per key runs in its own task (a client that leaves does not cancel
+//!   it, and everyone asking meanwhile joins it), with the requesting SDK's own token — so a token
+//!   revoked in Unleash is refused at its next revalidation, and Unleash still sees it as "last seen";
+//! - on transport errors, timeouts, 5xx and 429, a warm key is served stale (bounded by `max_stale`,
+//!   with backoff per key); never in answer to 401/403, which drop the entry;
+//! - anything unusual is forwarded exactly as without the shield.
+//!
+//! moka holds the entries (bounded in bytes, idle keys evicted); the single-flight is ours, because
+//! moka's coalescing covers only missing keys and re-runs the init when its caller is dropped.
+
+mod classify;
+mod doc;
+mod metrics;
+
+pub use classify::{classify, Bypass, Class, Key};
+pub use doc::accepts_gzip;
+
+use crate::token::Digest;
+use crate::upstream::{Body, Owner, Upstream, UpstreamError};
+use arc_swap::{ArcSwap, ArcSwapOption};
+use bytes::Bytes;
+use doc::{Bodies, Doc, NotStored};
+use http::header::{self, HeaderMap, HeaderValue};
+use http::request::Parts;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use metrics::ShieldMetrics;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+type Cache = moka::sync::Cache<Key, Arc<Entry>>;
+
+/// One token's query variants: each query's hash and when it was last used.
+type Variants = VecDeque<(u64, Instant)>;
+
+/// A key's backoff after its first failure, doubling per failure up to the maximum.
+const BACKOFF_START: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// The shield's settings that a reload may change.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Live {
+    pub enabled: bool,
+    /// A document younger than this is served without asking Unleash.
+    pub ttl: Duration,
+    /// How long a request waits for a revalidation before it is served the document it has.
+    pub revalidate_wait: Duration,
+    /// How old (since Unleash last confirmed it) a document may be served while Unleash fails; zero: never.
+    pub max_stale: Duration,
+    /// Distinct non-empty queries one token may create keys for (within `idle_ttl`).
+    pub max_query_variants: usize,
+    /// How long a fill may take (the upstream timeout).
+    pub upstream_timeout: Duration,
+}
+
+/// Settings that need a restart (they size the cache).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sizes {
+    pub max_bytes: u64,
+    pub max_entry_bytes: usize,
+    pub idle_ttl: Duration,
+}
+
+/// A non-storable answer from Unleash, passed to every request that waited for it.
+pub struct Passed {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Passed {
+    fn respond(&self) -> Response<Full<Bytes>> {
+        let mut r = Response::new(Full::new(self.body.clone()));
+        *r.status_mut() = self.status;
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+}
+
+/// What one fill (or revalidation) came to; every waiter reads the same one.
+enum Outcome {
+    /// The document as stored now: confirmed by a 304 (`refreshed: false`) or new from a 200.
+    Stored { doc: Arc<Doc>, refreshed: bool },
+    /// Unleash's answer, not stored (401/403, 404, 429, 5xx, a non-storable 200).
+    Passed(Passed),
+    /// No answer from Unleash.
+    Failed(UpstreamError),
+    /// The document is larger than the entry limit: each request forwards on its own.
+    TooLarge,
+}
+
+/// One key's state. Readers load the document and one atomic; only fills write.
+pub struct Entry {
+    doc: ArcSwapOption<Doc>,
+    /// Milliseconds (since the shield's epoch) when Unleash last confirmed the document.
+    validated_ms: AtomicU64,
+    /// The fill in flight, if any: waiters subscribe to its outcome.
+    fill: Mutex<Option<watch::Receiver<Option<Arc<Outcome>>>>>,
+    failures: AtomicU32,
+    /// No new attempt before this (ms since the epoch): backoff while Unleash fails.
+    retry_at_ms: AtomicU64,
+    /// The last failure, answered from memory to a cold key during its backoff.
+    last_failure: ArcSwapOption<Outcome>,
+}
+
+impl Entry {
+    fn new() -> Entry {
+        Entry {
+            doc: ArcSwapOption::empty(),
+            validated_ms: AtomicU64::new(0),
+            fill: Mutex::new(None),
+            failures: AtomicU32::new(0),
+            retry_at_ms: AtomicU64::new(0),
+            last_failure: ArcSwapOption::empty(),
+        }
+    }
+
+    fn validated_ms(&self) -> u64 {
+        self.validated_ms.load(Ordering::Acquire)
+    }
+
+    fn weight(key: &Key, entry: &Arc<Entry>) -> u32 {
+        let doc = entry.doc.load().as_ref().map_or(0, |d| d.weight());
+        u32::try_from(key.weight() + doc + 256).unwrap_or(u32::MAX)
+    }
+}
+
+/// How the shield answered, for the access log and metrics.
+#[derive(Clone, Copy, Debug)]
+pub struct Note {
+    pub result: &'static str,
+    /// Age of the document served (since Unleash last confirmed it).
+    pub age: Option<Duration>,
+}
+
+/// The shield's answer to one request.
+pub enum Served {
+    Answer(Response<Full<Bytes>>, Note),
+    /// Forward as without the shield.
+    Forward(Bypass),
+    /// No answer: Unleash failed and nothing may be served stale.
+    Failed(UpstreamError, Note),
+}
+
+pub struct Shield {
+    core: Arc<Core>,
+}
+
+struct Core {
+    cache: Cache,
+    bodies: Arc<Bodies>,
+    /// Per token: the non-empty queries it created keys for (hash, last used).
+    variants: moka::sync::Cache<Digest, Arc<Mutex<Variants>>>,
+    live: ArcSwap<Live>,
+    sizes: Sizes,
+    upstream: Arc<Upstream>,
+    metrics: ShieldMetrics,
+    epoch: Instant,
+}
+
+impl Live {
+    pub fn from_config(cfg: &crate::config::Config) -> Live {
+        Live {
+            enabled: cfg.shield,
+            ttl: cfg.shield_ttl,
+            revalidate_wait: cfg.shield_revalidate_wait,
+            max_stale: cfg.shield_max_stale,
+            max_query_variants: cfg.shield_max_query_variants,
+            upstream_timeout: cfg.upstream_timeout,
+        }
+    }
+}
+
+impl Sizes {
+    pub fn from_config(cfg: &crate::config::Config) -> Sizes {
+        Sizes {
+            max_bytes: cfg.shield_max_bytes,
+            max_entry_bytes: cfg.shield_max_entry_bytes,
+            idle_ttl: cfg.shield_idle_ttl,
+        }
+    }
+}
+
+impl Shield {
+    pub fn new(live: Live, sizes: Sizes, upstream: Arc<Upstream>, registry: &prometheus::Registry) -> Shield {
+        let metrics = ShieldMetrics::register(registry);
+        let evictions = metrics.evictions.clone();
+        let cache: Cache = moka::sync::Cache::builder()
+            .name("shield")
+            .max_capacity(sizes.max_bytes)
+            .weigher(Entry::weight)
+            .time_to_idle(sizes.idle_ttl)
+            .eviction_listener(move |_k, _v, cause| {
+                use moka::notification::RemovalCause;
+                let cause = match cause {
+                    RemovalCause::Size => "size",
+                    RemovalCause::Expired => "expired",
+                    RemovalCause::Replaced => return,
+                    RemovalCause::Explicit => "explicit",
+                };
+                evictions.with_label_values(&[cause]).inc();
+            })
+            .build();
+        let bodies = Arc::new(Bodies::default());
+        let epoch = Instant::now();
+        ShieldMetrics::watch(registry, cache.clone(), bodies.clone(), epoch);
+        Shield {
+            core: Arc::new(Core {
+                cache,
+                bodies,
+                variants: moka::sync::Cache::builder()
+                    .max_capacity(1_000_000)
+                    .time_to_idle(sizes.idle_ttl)
+                    .build(),
+                live: ArcSwap::from_pointee(live),
+                sizes,
+                upstream,
+                metrics,
+                epoch,
+            }),
+        }
+    }
+
+    /// Applies reloaded settings (on/off, TTL, waits, stale bound, variants).
+    pub fn set_live(&self, live: Live) {
+        self.core.live.store(Arc::new(live));
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.core.live.load().enabled
+    }
+
+    /// Counts a request that was classified as bypassing before reaching [`Shield::serve`].
+    pub fn bypassed(&self, reason: Bypass) {
+        let m = &self.core.metrics;
+        m.requests.with_label_values(&["bypass"]).inc();
+        m.bypass.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// Answers a cacheable request (authenticated, authorized, rate-limited: see the proxy), or says
+    /// to forward it. `fill` is the request as it would be forwarded (prepared by the proxy): a fill or
+    /// revalidation sends exactly that, made conditional and identity-encoded.
+    pub async fn serve(&self, key: Key, fill: &Parts, client_etag: Option<&HeaderValue>, gzip: bool) -> Served {
+        let served = self.core.clone().serve(key, fill, client_etag, gzip).await;
+        let m = &self.core.metrics;
+        match &served {
+            Served::Answer(_, note) | Served::Failed(_, note) => {
+                m.requests.with_label_values(&[note.result]).inc();
+                if let Some(age) = note.age {
+                    m.served_age.observe(age.as_secs_f64());
+                }
+            }
+            Served::Forward(reason) => {
+                m.requests.with_label_values(&["bypass"]).inc();
+                m.bypass.with_label_values(&[reason.as_str()]).inc();
+            }
+        }
+        served
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Core {
+    fn now_ms(&self) -> u64 {
+        ms(self.epoch.elapsed())
+    }
+
+    async fn serve(self: Arc<Self>, key: Key, fill: &Parts, client_etag: Option<&HeaderValue>, gzip: bool) -> Served {
+        let live = self.live.load_full();
+        if !live.enabled {
+            return Served::Forward(Bypass::Disabled);
+        }
+        let entry = match self.cache.get(&key) {
+            Some(e) => e,
+            None if !self.variant_allowed(&key, &live) => return Served::Forward(Bypass::Variants),
+            None => self.cache.get_with(key.clone(), || Arc::new(Entry::new())),
+        };
+        let now = self.now_ms();
+        let doc = entry.doc.load_full();
+        let age = |e: &Entry| Duration::from_millis(self.now_ms().saturating_sub(e.validated_ms()));
+        let note = |result, e: &Entry| Note {
+            result,
+            age: Some(age(e)),
+        };
+        if let Some(d) = &doc {
+            // Fresh: answered from memory, Unleash not asked.
+            if age(&entry) < live.ttl {
+                let resp = d.respond(client_etag, gzip);
+                let result = if resp.status() == StatusCode::NOT_MODIFIED {
+                    "hit_304"
+                } else {
+                    "hit"
+                };
+                return Served::Answer(resp, note(result, &entry));
+            }
+        }
+        // Backing off after failures: no attempt now; stale for a warm key, the last failure for a cold one.
+        if now < entry.retry_at_ms.load(Ordering::Acquire) {
+            if let Some(d) = &doc {
+                if age(&entry) <= live.max_stale {
+                    return Served::Answer(d.respond(client_etag, gzip), note("stale", &entry));
+                }
+            }
+            if let Some(last) = entry.last_failure.load_full() {
+                return self.answer(&last, None, &entry, &live, client_etag, gzip, false);
+            }
+        }
+        let (rx, leader) = self.join_or_start(&key, &entry, fill, doc.is_some(), &live);
+        let wait = if doc.is_some() {
+            live.revalidate_wait
+        } else {
+            live.upstream_timeout + Duration::from_secs(1)
+        };
+        let outcome = wait_for(rx, wait).await;
+        match outcome {
+            Some(o) => self.answer(&o, doc.as_ref(), &entry, &live, client_etag, gzip, leader),
+            // The revalidation is slow: the document in hand, if not too old; the fill goes on regardless.
+            None => match &doc {
+                Some(d) if age(&entry) <= live.max_stale => {
+                    Served::Answer(d.respond(client_etag, gzip), note("stale", &entry))
+                }
+                _ => Served::Failed(
+                    UpstreamError::Timeout(live.upstream_timeout),
+                    Note {
+                        result: "error",
+                        age: None,
+                    },
+                ),
+            },
+        }
+    }
+
+    /// A request's answer from an outcome (`had`: the document it had before, if any).
+    #[allow(clippy::too_many_arguments)]
+    fn answer(
+        &self,
+        outcome: &Outcome,
+        had: Option<&Arc<Doc>>,
+        entry: &Entry,
+        live: &Live,
+        client_etag: Option<&HeaderValue>,
+        gzip: bool,
+        leader: bool,
+    ) -> Served {
+        let age = Duration::from_millis(self.now_ms().saturating_sub(entry.validated_ms()));
+        let stale = |d: &Arc<Doc>| {
+            Served::Answer(
+                d.respond(client_etag, gzip),
+                Note {
+                    result: "stale",
+                    age: Some(age),
+                },
+            )
+        };
+        // A failing Unleash: stale if the document in hand is young enough (never after a 401/403).
+        let unleash_failing = match outcome {
+            Outcome::Failed(_) => true,
+            Outcome::Passed(p) => p.status.is_server_error() || p.status == StatusCode::TOO_MANY_REQUESTS,
+            Outcome::Stored { .. } | Outcome::TooLarge => false,
+        };
+        if unleash_failing {
+            if let Some(d) = had.filter(|_| age <= live.max_stale && !live.max_stale.is_zero()) {
+                return stale(d);
+            }
+        }
+        match outcome {
+            Outcome::Stored { doc, refreshed } => {
+                let result = match (had.is_some(), *refreshed, leader) {
+                    (true, true, _) => "refreshed",
+                    (true, false, _) => "revalidated",
+                    (false, _, true) => "miss",
+                    (false, _, false) => "coalesced",
+                };
+                Served::Answer(doc.respond(client_etag, gzip), Note { result, age: Some(age) })
+            }
+            Outcome::Passed(p) => Served::Answer(
+                p.respond(),
+                Note {
+                    result: "passed",
+                    age: None,
+                },
+            ),
+            Outcome::Failed(e) => Served::Failed(
+                e.copy(),
+                Note {
+                    result: "error",
+                    age: None,
+                },
+            ),
+            Outcome::TooLarge => Served::Forward(Bypass::TooLarge),
+        }
+    }
+
+    /// At most [`Live::max_query_variants`] distinct non-empty queries per token: a holder of a valid
+    /// token cannot fill the cache with `?namePrefix=<random>`.
+    fn variant_allowed(&self, key: &Key, live: &Live) -> bool {
+        let Some(q) = &key.query else { return true };
+        let h = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::hash::DefaultHasher::new();
+            q.hash(&mut h);
+            key.spec.hash(&mut h);
+            h.finish()
+        };
+        let seen = self.variants.get_with(key.token, Default::default);
+        let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if let Some(slot) = seen.iter_mut().find(|(x, _)| *x == h) {
+            slot.1 = now;
+            return true;
+        }
+        seen.retain(|(_, at)| now.duration_since(*at) < self.sizes.idle_ttl);
+        if seen.len() >= live.max_query_variants {
+            return false;
+        }
+        seen.push_back((h, now));
+        true
+    }
+
+    /// The fill in flight for this key, or a new one started (the caller is then its leader).
+    fn join_or_start(
+        self: &Arc<Self>,
+        key: &Key,
+        entry: &Arc<Entry>,
+        fill: &Parts,
+        warm: bool,
+        live: &Live,
+    ) -> (watch::Receiver<Option<Arc<Outcome>>>, bool) {
+        let mut slot = entry.fill.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(rx) = slot.as_ref() {
+            return (rx.clone(), false);
+        }
+        let (tx, rx) = watch::channel(None);
+        *slot = Some(rx.clone());
+        drop(slot);
+        let core = self.clone();
+        let (key, entry) = (key.clone(), entry.clone());
+        let request = fill_request(fill, entry.doc.load().as_deref().map(|d| &d.etag));
+        let timeout = live.upstream_timeout;
+        // Spawned: a client that leaves does not cancel the fill others wait for.
+        tokio::spawn(async move {
+            let outcome = core.fetch(&key, &entry, request, timeout, warm).await;
+            *entry.fill.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            let _ = tx.send(Some(outcome));
+        });
+        (rx, true)
+    }
+
+    /// One request to Unleash for `key`, and what it means for the entry.
+    async fn fetch(
+        &self,
+        key: &Key,
+        entry: &Arc<Entry>,
+        req: Request<Body>,
+        timeout: Duration,
+        warm: bool,
+    ) -> Arc<Outcome> {
+        let kind = if warm { "revalidate" } else { "fill" };
+        let count = |status: &str| self.metrics.upstream.with_label_values(&[kind, status]).inc();
+        let owner = Owner {
+            connection: None,
+            token: Some(&key.token.0),
+        };
+        let result = match self.upstream.slot(owner).await {
+            Ok(slot) => self.upstream.send(req, slot, timeout).await.0,
+            Err(e) => Err(e),
+        };
+        let resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                count("transport");
+                return self.failed(entry, Outcome::Failed(e));
+            }
+        };
+        let status = resp.status();
+        count(match status.as_u16() {
+            200 => "200",
+            304 => "304",
+            400..=499 => "4xx",
+            _ => "5xx",
+        });
+        let (parts, body) = resp.into_parts();
+        let live = self.live.load();
+        if status == StatusCode::NOT_MODIFIED {
+            if let Some(doc) = entry.doc.load_full() {
+                self.confirmed(entry);
+                return Arc::new(Outcome::Stored { doc, refreshed: false });
+            }
+        }
+        let limit = if status == StatusCode::OK {
+            self.sizes.max_entry_bytes
+        } else {
+            1 << 20
+        };
+        let read = tokio::time::timeout(live.upstream_timeout, Limited::new(body, limit).collect()).await;
+        let bytes = match read {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                self.not_stored(NotStored::TooLarge);
+                return Arc::new(Outcome::TooLarge);
+            }
+            Ok(Err(e)) => {
+                self.not_stored(NotStored::Truncated);
+                return self.failed(entry, Outcome::Failed(UpstreamError::Protocol(e)));
+            }
+            Err(_) => {
+                self.not_stored(NotStored::Truncated);
+                return self.failed(entry, Outcome::Failed(UpstreamError::Timeout(live.upstream_timeout)));
+            }
+        };
+        let passed = |headers: &HeaderMap| Passed {
+            status,
+            headers: doc::passed(headers),
+            body: bytes.clone(),
+        };
+        match status.as_u16() {
+            200 => match doc::storable(&parts.headers) {
+                Ok(etag) => {
+                    let doc = Arc::new(Doc {
+                        body: self.bodies.intern(bytes.clone()),
+                        etag,
+                        headers: doc::replayed(&parts.headers),
+                    });
+                    entry.doc.store(Some(doc.clone()));
+                    self.confirmed(entry);
+                    // Re-inserted so that the cache weighs the entry with its new document.
+                    self.cache.insert(key.clone(), entry.clone());
+                    Arc::new(Outcome::Stored { doc, refreshed: true })
+                }
+                Err(reason) => {
+                    self.not_stored(reason);
+                    Arc::new(Outcome::Passed(passed(&parts.headers)))
+                }
+            },
+            // Unleash refuses the token now: the document goes, and nothing is served stale for it.
+            401 | 403 => {
+                entry.doc.store(None);
+                self.cache.invalidate(key);
+                self.not_stored(NotStored::Status);
+                Arc::new(Outcome::Passed(passed(&parts.headers)))
+            }
+            429 | 500..=599 => {
+                self.not_stored(NotStored::Status);
+                self.failed(entry, Outcome::Passed(passed(&parts.headers)))
+            }
+            // Another answer (404: the route or version is wrong): passed on, the document dropped.
+            _ => {
+                entry.doc.store(None);
+                self.not_stored(NotStored::Status);
+                Arc::new(Outcome::Passed(passed(&parts.headers)))
+            }
+        }
+    }
+
+    fn not_stored(&self, reason: NotStored) {
+        self.metrics.not_stored.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// Unleash confirmed the document now: fresh for another TTL, failures forgotten.
+    fn confirmed(&self, entry: &Entry) {
+        entry.validated_ms.store(self.now_ms(), Ordering::Release);
+        entry.failures.store(0, Ordering::Release);
+        entry.retry_at_ms.store(0, Ordering::Release);
+        entry.last_failure.store(None);
+    }
+
+    /// Unleash failed: back off this key (1 s, doubling per failure, at most 60 s, ±10 %: at most one
+    /// attempt per key per window, however many SDKs poll it), and remember the failure.
+    fn failed(&self, entry: &Entry, outcome: Outcome) -> Arc<Outcome> {
+        let failures = entry.failures.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+        let backoff = BACKOFF_START
+            .saturating_mul(1u32 << (failures - 1).min(16))
+            .min(BACKOFF_MAX)
+            .mul_f64(0.9 + fastrand::f64() * 0.2);
+        entry.retry_at_ms.store(self.now_ms() + ms(backoff), Ordering::Release);
+        let outcome = Arc::new(outcome);
+        entry.last_failure.store(Some(outcome.clone()));
+        outcome
+    }
+}
+
+/// The fill's request: the prepared request, without a body, asking for identity bytes, conditional on
+/// the stored ETag when there is one, without cookies.
+fn fill_request(prepared: &Parts, etag: Option<&HeaderValue>) -> Request<Body> {
+    let mut req = Request::new(Body::Empty);
+    *req.method_mut() = prepared.method.clone();
+    *req.uri_mut() = prepared.uri.clone();
+    *req.version_mut() = prepared.version;
+    let h = req.headers_mut();
+    *h = prepared.headers.clone();
+    h.remove(header::COOKIE);
+    h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+    match etag {
+        Some(e) => {
+            h.insert(header::IF_NONE_MATCH, e.clone());
+        }
+        None => {
+            h.remove(header::IF_NONE_MATCH);
+        }
+    }
+    req
+}
+
+/// The outcome, once the fill has one, or `None` after `wait`.
+async fn wait_for(mut rx: watch::Receiver<Option<Arc<Outcome>>>, wait: Duration) -> Option<Arc<Outcome>> {
+    match tokio::time::timeout(wait, rx.wait_for(|o| o.is_some())).await {
+        Ok(Ok(o)) => o.clone(),
+        _ => None,
+    }
+}

@@ -114,6 +114,8 @@ pub struct Entry {
     retry_at_ms: AtomicU64,
     /// The last failure, answered from memory to a cold key during its backoff.
     last_failure: ArcSwapOption<Outcome>,
+    /// Unleash's document for this key is larger than the entry limit: forwarded from now on.
+    too_large: std::sync::atomic::AtomicBool,
 }
 
 impl Entry {
@@ -125,6 +127,7 @@ impl Entry {
             failures: AtomicU32::new(0),
             retry_at_ms: AtomicU64::new(0),
             last_failure: ArcSwapOption::empty(),
+            too_large: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -291,6 +294,9 @@ impl Core {
             None if !self.variant_allowed(&key, &live) => return Served::Forward(Bypass::Variants),
             None => self.cache.get_with(key.clone(), || Arc::new(Entry::new())),
         };
+        if entry.too_large.load(Ordering::Relaxed) {
+            return Served::Forward(Bypass::TooLarge);
+        }
         let now = self.now_ms();
         let doc = entry.doc.load_full();
         let age = |e: &Entry| Duration::from_millis(self.now_ms().saturating_sub(e.validated_ms()));
@@ -513,6 +519,7 @@ impl Core {
             Ok(Ok(b)) => b.to_bytes(),
             Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
                 self.not_stored(NotStored::TooLarge);
+                entry.too_large.store(true, Ordering::Relaxed);
                 return Arc::new(Outcome::TooLarge);
             }
             Ok(Err(e)) => {

@@ -19,6 +19,7 @@ mod rate_limits;
 mod reload;
 mod robustness;
 mod scopes;
+mod shield;
 mod shutdown;
 mod telemetry;
 mod tls;

@@ -4,6 +4,7 @@
 
 pub mod binary;
 pub mod client;
+pub mod features;
 pub mod gateway;
 pub mod logs;
 pub mod metrics;

@@ -124,6 +124,7 @@ pub struct Config {
     pub shield_max_bytes: u64,
     pub shield_max_entry_bytes: usize,
     pub shield_max_query_variants: usize,
+    pub shield_persist: bool,
     /// Each setting as `check-config` shows it (secrets redacted), by key: what a reload compares.
     pub shown: std::collections::BTreeMap<&'static str, String>,
 }

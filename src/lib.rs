@@ -17,6 +17,7 @@ pub mod telemetry;
 
 pub(crate) mod admin;
 pub(crate) mod error;
+pub(crate) mod files;
 pub(crate) mod io;
 pub(crate) mod path;
 pub(crate) mod policy;

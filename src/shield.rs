@@ -21,6 +21,7 @@
 mod classify;
 mod doc;
 mod metrics;
+mod persist;
 
 pub use classify::{classify, Bypass, Class, Key};
 pub use doc::accepts_gzip;
@@ -66,12 +67,14 @@ pub struct Live {
     pub upstream_timeout: Duration,
 }
 
-/// Settings that need a restart (they size the cache).
+/// Settings that need a restart (they size the cache, or say where it is kept).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sizes {
     pub max_bytes: u64,
     pub max_entry_bytes: usize,
     pub idle_ttl: Duration,
+    /// Persist documents under this state directory (`shield_persist`).
+    pub persist_in: Option<std::path::PathBuf>,
 }
 
 /// A non-storable answer from Unleash, passed to every request that waited for it.
@@ -105,12 +108,13 @@ enum Outcome {
 /// One key's state. Readers load the document and one atomic; only fills write.
 pub struct Entry {
     doc: ArcSwapOption<Doc>,
-    /// Milliseconds (since the shield's epoch) when Unleash last confirmed the document.
+    /// Unix milliseconds when Unleash last confirmed the document (also before a restart, when it was
+    /// restored from disk).
     validated_ms: AtomicU64,
     /// The fill in flight, if any: waiters subscribe to its outcome.
     fill: Mutex<Option<watch::Receiver<Option<Arc<Outcome>>>>>,
     failures: AtomicU32,
-    /// No new attempt before this (ms since the epoch): backoff while Unleash fails.
+    /// No new attempt before this (unix ms): backoff while Unleash fails.
     retry_at_ms: AtomicU64,
     /// The last failure, answered from memory to a cold key during its backoff.
     last_failure: ArcSwapOption<Outcome>,
@@ -171,7 +175,8 @@ struct Core {
     sizes: Sizes,
     upstream: Arc<Upstream>,
     metrics: ShieldMetrics,
-    epoch: Instant,
+    /// Where documents are persisted, when `shield_persist` is on.
+    persist: persist::Shared,
 }
 
 impl Live {
@@ -193,6 +198,7 @@ impl Sizes {
             max_bytes: cfg.shield_max_bytes,
             max_entry_bytes: cfg.shield_max_entry_bytes,
             idle_ttl: cfg.shield_idle_ttl,
+            persist_in: cfg.state_dir.clone().filter(|_| cfg.shield_persist),
         }
     }
 }
@@ -201,12 +207,14 @@ impl Shield {
     pub fn new(live: Live, sizes: Sizes, upstream: Arc<Upstream>, registry: &prometheus::Registry) -> Shield {
         let metrics = ShieldMetrics::register(registry);
         let evictions = metrics.evictions.clone();
+        let persist: persist::Shared = sizes.persist_in.as_deref().map(|d| Arc::new(persist::Store::new(d)));
+        let forget = persist.clone();
         let cache: Cache = moka::sync::Cache::builder()
             .name("shield")
             .max_capacity(sizes.max_bytes)
             .weigher(Entry::weight)
             .time_to_idle(sizes.idle_ttl)
-            .eviction_listener(move |_k, _v, cause| {
+            .eviction_listener(move |key: Arc<Key>, _v, cause| {
                 use moka::notification::RemovalCause;
                 let cause = match cause {
                     RemovalCause::Size => "size",
@@ -215,11 +223,28 @@ impl Shield {
                     RemovalCause::Explicit => "explicit",
                 };
                 evictions.with_label_values(&[cause]).inc();
+                // A document gone from memory is gone from disk: a restart must not bring back what was
+                // evicted, or what Unleash refused.
+                if let Some(store) = &forget {
+                    store.remove(&key);
+                }
             })
             .build();
         let bodies = Arc::new(Bodies::default());
-        let epoch = Instant::now();
-        ShieldMetrics::watch(registry, cache.clone(), bodies.clone(), epoch);
+        ShieldMetrics::watch(registry, cache.clone(), bodies.clone());
+        if let Some(store) = &persist {
+            let restored = store.load(&bodies);
+            let n = restored.len();
+            for r in restored {
+                let entry = Entry::new();
+                entry.doc.store(Some(Arc::new(r.doc)));
+                entry.validated_ms.store(r.validated_at_ms, Ordering::Release);
+                cache.insert(r.key, Arc::new(entry));
+            }
+            if n > 0 {
+                tracing::info!(documents = n, "feature documents restored from the state directory");
+            }
+        }
         Shield {
             core: Arc::new(Core {
                 cache,
@@ -232,7 +257,7 @@ impl Shield {
                 sizes,
                 upstream,
                 metrics,
-                epoch,
+                persist,
             }),
         }
     }
@@ -279,9 +304,16 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Wall-clock milliseconds: documents' ages survive a restart through persistence.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, ms)
+}
+
 impl Core {
     fn now_ms(&self) -> u64 {
-        ms(self.epoch.elapsed())
+        unix_ms()
     }
 
     async fn serve(self: Arc<Self>, key: Key, fill: &Parts, client_etag: Option<&HeaderValue>, gzip: bool) -> Served {
@@ -505,7 +537,9 @@ impl Core {
         let live = self.live.load();
         if status == StatusCode::NOT_MODIFIED {
             if let Some(doc) = entry.doc.load_full() {
+                let before = entry.validated_ms();
                 self.confirmed(entry);
+                self.persist_confirmation(key, &doc, before, entry.validated_ms());
                 return Arc::new(Outcome::Stored { doc, refreshed: false });
             }
         }
@@ -548,6 +582,7 @@ impl Core {
                     self.confirmed(entry);
                     // Re-inserted so that the cache weighs the entry with its new document.
                     self.cache.insert(key.clone(), entry.clone());
+                    self.persist_doc(key, &doc, entry.validated_ms());
                     Arc::new(Outcome::Stored { doc, refreshed: true })
                 }
                 Err(reason) => {
@@ -573,6 +608,31 @@ impl Core {
                 Arc::new(Outcome::Passed(passed(&parts.headers)))
             }
         }
+    }
+
+    /// Writes a new document to disk, off the request path (this runs in the fill's task).
+    fn persist_doc(&self, key: &Key, doc: &Arc<Doc>, at: u64) {
+        let Some(store) = self.persist.clone() else { return };
+        let (key, doc) = (key.clone(), doc.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.save(&key, &doc, at) {
+                tracing::warn!(error = %e, "could not persist a feature document");
+            }
+        });
+    }
+
+    /// Records a 304 beside the persisted document, at most once a minute per key.
+    fn persist_confirmation(&self, key: &Key, doc: &Arc<Doc>, before: u64, at: u64) {
+        let Some(store) = self.persist.clone() else { return };
+        if at.saturating_sub(before) < persist::CONFIRM_EVERY_MS && before != 0 {
+            return;
+        }
+        let (key, etag) = (key.clone(), doc.etag.clone());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.confirm(&key, &etag, at) {
+                tracing::debug!(error = %e, "could not record a feature document's confirmation");
+            }
+        });
     }
 
     fn not_stored(&self, reason: NotStored) {

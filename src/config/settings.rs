@@ -329,8 +329,16 @@ impl Settings {
             shield_max_bytes: l.req("shield_max_bytes", parse_bytes)?,
             shield_max_entry_bytes: l.req("shield_max_entry_bytes", |v| parse_bytes(v).map(|n| n as usize))?,
             shield_max_query_variants: l.req("shield_max_query_variants", parse_count)?,
+            shield_persist: l.req("shield_persist", parse_switch)?,
             shown: BTreeMap::new(),
         };
+        if cfg.shield_persist && cfg.state_dir.is_none() {
+            return Err(ConfigError::new(
+                cli_names("shield_persist"),
+                "shield_persist",
+                "needs state_dir (where the documents are kept)",
+            ));
+        }
         if cfg.listen == cfg.admin_listen && cfg.listen.port() != 0 {
             return Err(ConfigError::new("settings", "admin_listen", "must differ from listen"));
         }

@@ -288,6 +288,10 @@ settings! {
         env: "FLAGGATE_SHIELD_MAX_QUERY_VARIANTS", value: "N", default: "8", apply: live,
         help: "Distinct queries (?project=, ?namePrefix=, ?tag=) one token may have cached; more are forwarded",
     }
+    shield_persist {
+        env: "FLAGGATE_SHIELD_PERSIST", value: "on|off", default: "off", apply: restart,
+        help: "Keep the shield's feature documents in state_dir (0600), so a restart while Unleash is down still serves SDKs; off by default: documents can hold user ids and emails from constraints",
+    }
     pat_rate_limit {
         env: "FLAGGATE_PAT_RATE_LIMIT", value: "N", default: "10", apply: restart,
         help: "Most PAT checks per second sent to Unleash (Unleash-sync mode)",

@@ -96,12 +96,7 @@ impl ShieldMetrics {
     }
 
     /// Gauges read from the cache at scrape time.
-    pub fn watch(
-        registry: &Registry,
-        cache: super::Cache,
-        bodies: std::sync::Arc<super::doc::Bodies>,
-        epoch: std::time::Instant,
-    ) {
+    pub fn watch(registry: &Registry, cache: super::Cache, bodies: std::sync::Arc<super::doc::Bodies>) {
         let gauge = |name: &str, help: &str| must(IntGauge::new(name, help));
         let c = cache.clone();
         register_sampled(
@@ -122,7 +117,10 @@ impl ShieldMetrics {
                 "flaggate_shield_weighted_bytes",
                 "Bytes the shield's cache holds by its own count (bodies, gzip copies, headers, keys), against shield_max_bytes",
             ),
-            move |g| g.set(c.weighted_size() as i64),
+            move |g| {
+                c.run_pending_tasks();
+                g.set(c.weighted_size() as i64)
+            },
         );
         register_sampled(
             registry,
@@ -139,7 +137,7 @@ impl ShieldMetrics {
                 "Age of the least recently confirmed document in the cache (what a stale answer could be at most)",
             )),
             move |g| {
-                let now = epoch.elapsed().as_millis() as u64;
+                let now = super::unix_ms();
                 let oldest = cache
                     .iter()
                     .filter(|(_, e)| e.doc.load().is_some())

@@ -4,7 +4,6 @@
 use super::store::TokenSet;
 use super::{Digest, TokenInfo, TokenKind, TokenSource};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -53,23 +52,8 @@ pub fn path_in(dir: &Path) -> PathBuf {
     dir.join(FILE_NAME)
 }
 
-/// Writes `bytes` to `dir/name`, 0600, through a temp file renamed into place.
-fn write_file(dir: &Path, name: &str, bytes: &[u8], sync: bool) -> std::io::Result<()> {
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(&tmp)?;
-    f.write_all(bytes)?;
-    if sync {
-        f.sync_all()?;
-    }
-    drop(f);
-    std::fs::rename(&tmp, dir.join(name))
+fn write_file(dir: &Path, name: &str, bytes: &[u8], durable: bool) -> std::io::Result<()> {
+    crate::files::write_atomic(dir, name, bytes, durable)
 }
 
 /// Records that the snapshot written at `snapshot_written_at` was confirmed by Unleash now. Not synced
@@ -89,7 +73,6 @@ pub fn confirm(dir: &Path, snapshot_written_at: i64, confirmed_at_ms: i64) -> st
 
 /// Writes the set from the sync made at `synced_at_ms`; returns the snapshot's `written_at`.
 pub fn write(dir: &Path, set: &TokenSet, synced_at_ms: i64) -> std::io::Result<i64> {
-    std::fs::create_dir_all(dir)?;
     let snap = Snapshot {
         version: 1,
         written_at: super::now_unix(),

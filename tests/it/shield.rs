@@ -657,3 +657,82 @@ async fn tokens_of_one_scope_share_one_body_and_a_reload_can_turn_the_shield_off
     .await;
     assert!(forwarded.is_some(), "the shield kept answering after it was turned off");
 }
+
+/// Files the shield persisted under a state directory.
+fn persisted(state: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(state.join("shield"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_persistence_a_gateway_restarted_during_an_outage_still_serves_its_sdks() {
+    let u = features(None).await;
+    let state = tempfile::tempdir().unwrap();
+    let start = |persist: bool| {
+        let b = gateway()
+            .upstream(u.url())
+            .token(A, "client")
+            .token(B, "client")
+            .state_dir(state.path())
+            .settings(move |s| {
+                s.shield_ttl = Some("1s".into());
+                s.shield_persist = Some(if persist { "on" } else { "off" }.into());
+            });
+        b.start()
+    };
+    let gw = start(true).await;
+    let good = features_poll(&gw, A).await;
+    assert_eq!(good.status, 200);
+    let saved = support::poll::within(patience(Duration::from_secs(3)), || async {
+        persisted(state.path()).len() == 1
+    })
+    .await;
+    assert!(saved.is_some(), "the document was not persisted");
+    let file = std::fs::read_to_string(&persisted(state.path())[0]).unwrap();
+    assert!(!file.contains(A), "a token secret on disk");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&persisted(state.path())[0])
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    drop(gw);
+
+    // Unleash goes down; the gateway is restarted (a rescheduled pod): its SDK still gets its flags.
+    u.state.failure.store(503, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await; // past the TTL: Unleash must be asked
+    let gw = start(true).await;
+    let r = features_poll(&gw, A).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, good.body, "the persisted document, byte for byte");
+    assert_eq!(r.headers["etag"], good.headers["etag"]);
+    assert!(results(&gw, "stale").await >= 1.0);
+    // A token with nothing persisted gets Unleash's failure, as without the shield.
+    assert_eq!(features_poll(&gw, B).await.status, 503);
+    drop(gw);
+
+    // Without persistence, the same restart has nothing to serve.
+    let gw = start(false).await;
+    assert_eq!(features_poll(&gw, A).await.status, 503);
+    drop(gw);
+
+    // Unleash back, and the token revoked there: refused, and its document leaves the disk too.
+    u.state.failure.store(0, Ordering::SeqCst);
+    u.state.revoked.lock().unwrap().insert(A.to_string());
+    let gw = start(true).await;
+    assert_eq!(features_poll(&gw, A).await.status, 401);
+    let gone = support::poll::within(patience(Duration::from_secs(3)), || async {
+        persisted(state.path()).is_empty()
+    })
+    .await;
+    assert!(gone.is_some(), "a refused token's document stayed on disk");
+}

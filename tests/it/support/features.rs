@@ -49,11 +49,19 @@ pub fn document(token: &str, spec: Option<&str>, query: Option<&str>, rev: u64, 
     let pad = if large { "x".repeat(2048) } else { String::new() };
     serde_json::json!({
         "version": 2,
-        "features": [{"name": format!("flag-for-{token}"), "enabled": rev % 2 == 0, "pad": pad}],
+        // Named after a hash of the token, not the token: a test can look for the secret on disk.
+        "features": [{"name": format!("flag-for-{}", short_hash(token)), "enabled": rev % 2 == 0, "pad": pad}],
         "query": {"inlineSegmentConstraints": spec.is_none(), "q": query},
         "meta": {"revisionId": rev},
     })
     .to_string()
+}
+
+fn short_hash(s: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    s.hash(&mut h);
+    format!("{:08x}", h.finish() as u32)
 }
 
 /// Its ETag: strong, like Unleash's `"<queryHash>:<revision>:v1"`.

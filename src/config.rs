@@ -115,6 +115,8 @@ pub struct Config {
     pub pat_negative_ttl: Duration,
     pub rate_limits: crate::ratelimit::RateLimits,
     pub routes: Vec<Rule>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<crate::net::Cidr>,
     pub shield: bool,
     pub shield_ttl: Duration,
     pub shield_revalidate_wait: Duration,
@@ -147,6 +149,11 @@ pub(crate) struct FileRule {
     #[serde(default)]
     pub preflight: bool,
     pub denial: Option<String>,
+    /// Only these networks may use the route (decided on the client address).
+    pub sources: Option<Vec<String>>,
+    /// Open without a token: an explicit opt-in (the Unleash UI and its login, Edge's `/edge/validate`).
+    #[serde(default)]
+    pub public: bool,
 }
 
 /// TOML values may be written as strings or bare numbers/booleans (`max_connections = 10000`); all are
@@ -319,7 +326,30 @@ pub(crate) fn parse_rule(file: &Path, index: usize, r: &FileRule) -> Result<Rule
             ))
         }
     };
-    Ok(Rule::new(&r.name, &r.prefix, &kinds, r.preflight, denial))
+    let sources = match &r.sources {
+        None => None,
+        Some(list) => {
+            let mut nets = Vec::with_capacity(list.len());
+            for n in list {
+                nets.push(
+                    n.parse::<crate::net::Cidr>()
+                        .map_err(|e| ConfigError::new(origin.clone(), key("sources"), e))?,
+                );
+            }
+            Some(nets)
+        }
+    };
+    if r.public && !r.allow.is_empty() {
+        return Err(ConfigError::new(
+            origin,
+            key("allow"),
+            "a public route admits everyone; leave `allow` empty (limit it with `sources`)",
+        ));
+    }
+    let mut rule = Rule::new(&r.name, &r.prefix, &kinds, r.preflight, denial);
+    rule.sources = sources.map(std::sync::Arc::from);
+    rule.public = r.public;
+    Ok(rule)
 }
 
 impl Config {
@@ -351,18 +381,25 @@ impl Config {
         let policy = crate::policy::Policy::new(self.routes.clone());
         for r in policy.rules() {
             let kinds: Vec<_> = r.allow.kinds().map(|k| k.as_str()).collect();
+            let reach = if r.public {
+                "PUBLIC (no token)".to_string()
+            } else {
+                format!("[{}]", kinds.join(", "))
+            };
+            let sources = r.sources.as_ref().map_or(String::new(), |s| {
+                format!(
+                    " from {}",
+                    s.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                )
+            });
+            let preflight = if r.preflight {
+                " (+ token-less CORS preflight)"
+            } else {
+                ""
+            };
             line(
                 &format!("route {}", r.name),
-                &format!(
-                    "{} -> [{}]{}",
-                    r.prefix,
-                    kinds.join(", "),
-                    if r.preflight {
-                        " (+ token-less CORS preflight)"
-                    } else {
-                        ""
-                    }
-                ),
+                &format!("{} -> {reach}{sources}{preflight}", r.prefix),
             );
         }
         out.push_str("route unmatched = (any other path) -> [admin]\n");

@@ -32,6 +32,8 @@ pub enum Decision {
     InternalError,
     /// The client left before its response began (status 499 in logs and metrics).
     ClientGone,
+    /// Forwarded on a public route, without a token check.
+    Public,
 }
 
 impl Decision {
@@ -45,6 +47,7 @@ impl Decision {
             Decision::UpstreamError => "upstream_error",
             Decision::InternalError => "internal_error",
             Decision::ClientGone => "client_gone",
+            Decision::Public => "public",
         }
     }
 }
@@ -81,6 +84,9 @@ pub enum Rejection {
     Expired(DenialStyle),
     #[error("token kind may not reach this route")]
     WrongScope,
+    /// The route admits only some networks, and the client is in none of them.
+    #[error("this route is not open to the client's network")]
+    SourceNotAllowed,
     /// Unleash failed us, or its slots are taken (see [`UpstreamError`]).
     #[error("{}", .0.detail())]
     Upstream(UpstreamError),
@@ -116,7 +122,7 @@ impl Rejection {
     /// Maps a non-allowing verdict; `Allow`/`Preflight` are not rejections.
     pub fn from_verdict(v: Verdict, style: DenialStyle) -> Option<Rejection> {
         match v {
-            Verdict::Allow | Verdict::Preflight => None,
+            Verdict::Allow | Verdict::Preflight | Verdict::Public => None,
             Verdict::NoToken => Some(Rejection::NoToken(style)),
             Verdict::UnknownToken => Some(Rejection::UnknownToken(style)),
             Verdict::Expired => Some(Rejection::Expired(style)),
@@ -133,7 +139,7 @@ impl Rejection {
             | Rejection::ConnectionNamesProtected(_)
             | Rejection::MalformedBody => StatusCode::BAD_REQUEST,
             Rejection::NoToken(_) | Rejection::UnknownToken(_) | Rejection::Expired(_) => StatusCode::UNAUTHORIZED,
-            Rejection::WrongScope => StatusCode::FORBIDDEN,
+            Rejection::WrongScope | Rejection::SourceNotAllowed => StatusCode::FORBIDDEN,
             Rejection::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Rejection::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Rejection::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -161,7 +167,8 @@ impl Rejection {
             | Rejection::NoToken(_)
             | Rejection::UnknownToken(_)
             | Rejection::Expired(_)
-            | Rejection::WrongScope => Blame::Downstream,
+            | Rejection::WrongScope
+            | Rejection::SourceNotAllowed => Blame::Downstream,
             // Over its own share of the slots: the client's excess, not Unleash's trouble.
             Rejection::Upstream(UpstreamError::Saturated(Saturated { scope, .. })) if *scope != Scope::Pool => {
                 Blame::Downstream
@@ -183,7 +190,7 @@ impl Rejection {
             | Rejection::MethodNotAllowed
             | Rejection::MalformedBody => Decision::BadRequest,
             Rejection::NoToken(_) | Rejection::UnknownToken(_) | Rejection::Expired(_) => Decision::Unauthenticated,
-            Rejection::WrongScope => Decision::Forbidden,
+            Rejection::WrongScope | Rejection::SourceNotAllowed => Decision::Forbidden,
             Rejection::RateLimited(_) => Decision::RateLimited,
             Rejection::Upstream(_) | Rejection::Unverifiable(_) => match self.blame() {
                 Blame::Downstream => Decision::RateLimited,
@@ -211,6 +218,7 @@ impl Rejection {
             Rejection::UnknownToken(_) => "unknown_token",
             Rejection::Expired(_) => "expired_token",
             Rejection::WrongScope => "wrong_token_type",
+            Rejection::SourceNotAllowed => "source_not_allowed",
             Rejection::Upstream(e) => upstream_code(e),
             Rejection::Unverifiable(e) => pat_cause(e).map_or("upstream_unreachable", upstream_code),
             Rejection::Internal(_) => "internal",
@@ -270,7 +278,8 @@ impl Rejection {
             | Rejection::MalformedBody
             | Rejection::RateLimited(_)
             | Rejection::BodyTooLarge(_)
-            | Rejection::BodyTimeout => json!({ "message": self.to_string(), "code": code }),
+            | Rejection::BodyTimeout
+            | Rejection::SourceNotAllowed => json!({ "message": self.to_string(), "code": code }),
         }
     }
 

@@ -19,6 +19,7 @@ pub(crate) mod admin;
 pub(crate) mod error;
 pub(crate) mod files;
 pub(crate) mod io;
+pub(crate) mod net;
 pub(crate) mod path;
 pub(crate) mod policy;
 pub(crate) mod proxy;

@@ -73,6 +73,10 @@ pub struct Rule {
     /// A real CORS preflight passes without a token (browser SDKs): see [`crate::proxy::headers::is_cors_preflight`].
     pub preflight: bool,
     pub denial: DenialStyle,
+    /// Only these networks may use the route (`None`: any).
+    pub sources: Option<Arc<[crate::net::Cidr]>>,
+    /// Open without a token (an explicit opt-in; the defaults are never public).
+    pub public: bool,
 }
 
 impl Rule {
@@ -83,7 +87,16 @@ impl Rule {
             allow: KindSet::of(allow),
             preflight,
             denial,
+            sources: None,
+            public: false,
         }
+    }
+
+    /// Whether `client` may use this route at all.
+    pub fn admits_source(&self, client: std::net::IpAddr) -> bool {
+        self.sources
+            .as_ref()
+            .is_none_or(|nets| crate::net::any_contains(nets, client))
     }
 }
 
@@ -174,6 +187,8 @@ pub enum Verdict {
     Allow,
     /// Token-less CORS preflight on a route that permits it: forwarded without body or credentials.
     Preflight,
+    /// A public route: forwarded without a token check, as it came.
+    Public,
     NoToken,
     UnknownToken,
     Expired,
@@ -184,6 +199,9 @@ pub enum Verdict {
 /// `cors_preflight` says the request is a real CORS preflight (an `OPTIONS` with `Origin` and
 /// `Access-Control-Request-Method` and no body), the only request a route may let through without one.
 pub fn decide(rule: &Rule, cors_preflight: bool, presented: bool, token: Option<&TokenInfo>, now_unix: i64) -> Verdict {
+    if rule.public {
+        return Verdict::Public;
+    }
     if rule.preflight && cors_preflight && !presented {
         return Verdict::Preflight;
     }

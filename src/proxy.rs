@@ -55,6 +55,10 @@ struct Outcome {
     slot: Option<Slot>,
     /// How the shield answered, if it did.
     cache: Option<crate::shield::Note>,
+    /// The client's address as decided (the peer, or a trusted proxy's client), once known.
+    client: Option<std::net::IpAddr>,
+    /// Forwarded on a public route (its own decision in the log and metrics).
+    public: bool,
 }
 
 /// A request between its head and its response: owns what the record phase needs, so that a request
@@ -106,7 +110,7 @@ impl Pending<'_> {
         }
         record::Record {
             started: self.started,
-            client: self.ctx.peer.ip(),
+            client: out.client.unwrap_or_else(|| self.ctx.peer.ip()),
             method: self.method.clone(),
             path: out.path.take(),
             route_class: out.route_class.clone(),
@@ -182,11 +186,14 @@ pub async fn handle(
             path: None,
             slot: None,
             cache: None,
+            client: None,
+            public: false,
         },
         open: true,
     };
     let result = run_phases(&gw, req, &ctx, request_id.clone(), &mut pending.out).await;
     let (mut resp, decision, rejection) = match result {
+        Ok(resp) if pending.out.public => (resp, Decision::Public, None),
         Ok(resp) => (resp, Decision::Allowed, None),
         Err(rej) => {
             let mut r = rej.to_response();
@@ -228,7 +235,7 @@ async fn run_phases(
     let uri = std::mem::take(&mut parts.uri);
     let live = gw.live.load();
 
-    let head = validate(&parts, &uri, &live, ctx)?;
+    let head = validate(&parts, &uri, &live, ctx, out)?;
     out.path = Some(head.path.as_str().to_owned());
     out.route_class = head.rule.name.clone();
     out.browser_route = head.rule.preflight;
@@ -244,6 +251,7 @@ async fn run_phases(
         .map(|c| (c.digest.fingerprint(), c.info.as_ref().map(|i| i.kind)));
 
     let grant = authorize(gw, &head, &parts, credential.as_ref())?;
+    out.public = matches!(grant, Grant::Public);
     prepare(gw, &mut parts, &head, &grant, uri.query(), ctx, request_id)?;
     if let Some(resp) = shield(gw, &parts, &head, &grant, credential.as_ref(), uri.query(), out).await? {
         return Ok(resp);
@@ -259,12 +267,21 @@ struct Head<'a> {
     rule: &'a Rule,
     /// The client's `Host` (or `:authority`), for `X-Forwarded-Host`.
     host: Option<HeaderValue>,
+    /// `X-Forwarded-For` to send, when a trusted proxy's chain replaces the connection's own.
+    forwarded_for: Option<HeaderValue>,
 }
 
 /// Phase 1. Contract: returns only for an origin-form request with a forwarded method, a canonical
-/// path, at most one `Host`, a declared length within the limit and no `Connection` naming a field we
-/// authorize or frame by; touches no token and no I/O.
-fn validate<'a>(parts: &Parts, uri: &'a Uri, live: &'a Live, ctx: &ConnCtx) -> Result<Head<'a>, Rejection> {
+/// path, at most one `Host`, a declared length within the limit, no `Connection` naming a field we
+/// authorize or frame by, and a client address the route admits; touches no token and no I/O. Records
+/// the decided client address in `out`.
+fn validate<'a>(
+    parts: &Parts,
+    uri: &'a Uri,
+    live: &'a Live,
+    ctx: &ConnCtx,
+    out: &mut Outcome,
+) -> Result<Head<'a>, Rejection> {
     // A raw `#` in an HTTP/1 target: the URI parser dropped it with the rest of the target, only the
     // connection's reader saw it (asked for every request, so that no mark outlives its request).
     let fragment = ctx.activity.as_ref().is_some_and(|a| a.take_fragment());
@@ -303,7 +320,17 @@ fn validate<'a>(parts: &Parts, uri: &'a Uri, live: &'a Live, ctx: &ConnCtx) -> R
         return Err(Rejection::BodyTooLarge(max));
     }
     let rule = live.policy.route(&path);
-    Ok(Head { path, rule, host })
+    let origin = crate::net::origin(&parts.headers, ctx.peer.ip(), &live.trusted);
+    out.client = Some(origin.client);
+    if !rule.admits_source(origin.client) {
+        return Err(Rejection::SourceNotAllowed);
+    }
+    Ok(Head {
+        path,
+        rule,
+        host,
+        forwarded_for: origin.forwarded_for,
+    })
 }
 
 /// Who the request goes to Unleash as.
@@ -312,6 +339,8 @@ enum Grant {
     Token(Digest),
     /// A token-less CORS preflight: forwarded bare, counted with the other anonymous requests.
     Preflight,
+    /// A public route: forwarded as it came, without a token check, counted as anonymous.
+    Public,
 }
 
 /// Phase 3. Contract: returns only when the route admits this credential (or this is a real CORS
@@ -330,6 +359,7 @@ fn authorize(
     }
     match (verdict, credential, info) {
         (Verdict::Preflight, _, _) => Ok(Grant::Preflight),
+        (Verdict::Public, _, _) => Ok(Grant::Public),
         (Verdict::Allow, Some(c), Some(info)) => {
             gw.limiter.check(&c.digest, info).map_err(Rejection::RateLimited)?;
             Ok(Grant::Token(c.digest))
@@ -358,12 +388,8 @@ fn prepare(
         headers::strip_for_preflight(&mut parts.headers);
     }
     parts.headers.insert(HOST, gw.upstream.host().clone());
-    headers::set_forwarded(
-        &mut parts.headers,
-        ctx.forwarded_for.clone(),
-        ctx.proto,
-        head.host.clone(),
-    );
+    let forwarded_for = head.forwarded_for.clone().unwrap_or_else(|| ctx.forwarded_for.clone());
+    headers::set_forwarded(&mut parts.headers, forwarded_for, ctx.proto, head.host.clone());
     parts.headers.insert(headers::X_REQUEST_ID, request_id);
     parts.uri = gw
         .upstream
@@ -445,7 +471,7 @@ async fn forward(
     let fault = body::FaultCell::default();
     let body = match grant {
         Grant::Preflight => crate::upstream::Body::Empty,
-        Grant::Token(_) => body::read_head(body, limits, fault.clone())
+        Grant::Token(_) | Grant::Public => body::read_head(body, limits, fault.clone())
             .await
             .map_err(|f| f.rejection(limits.max))?,
     };
@@ -453,7 +479,7 @@ async fn forward(
         connection: Some(&ctx.share),
         token: match grant {
             Grant::Token(d) => Some(&d.0),
-            Grant::Preflight => None,
+            Grant::Preflight | Grant::Public => None,
         },
     };
     // Queueing for a slot counts as upstream time: it is Unleash's pace that makes requests wait.

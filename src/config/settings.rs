@@ -313,6 +313,7 @@ impl Settings {
             pat_negative_ttl: l.req("pat_negative_ttl", parse_duration)?,
             rate_limits,
             routes,
+            trusted_proxies: l.get("trusted_proxies", crate::net::parse_list)?.unwrap_or_default(),
             shield: l.req("shield", parse_switch)?,
             shield_ttl: l.req("shield_ttl", |v| match parse_duration(v)? {
                 d if d < Duration::from_secs(1) || d > Duration::from_secs(60) => {

@@ -256,6 +256,10 @@ settings! {
         env: "FLAGGATE_RATE_LIMIT_PAT", value: "RATE[:BURST]", shown: "off", unset: "off", apply: live,
         help: "Per-token rate limit for personal access tokens",
     }
+    trusted_proxies {
+        env: "FLAGGATE_TRUSTED_PROXIES", value: "CIDR[,CIDR...]", unset: "(none: the peer is the client)", apply: live,
+        help: "Load balancers and ingresses whose X-Forwarded-For is believed: from them the client is the rightmost address not in these networks, and the chain is passed on with the peer appended; from anyone else X-Forwarded-For is replaced by the peer",
+    }
     shield {
         env: "FLAGGATE_SHIELD", value: "on|off", default: "on", apply: live,
         help: "Answer SDK feature polls (GET /api/client/features, client/backend tokens) from a per-token cache revalidated with Unleash's ETag; off forwards every poll",

@@ -38,6 +38,8 @@ pub struct Live {
     pub body: BodyLimits,
     pub upstream_timeout: Duration,
     pub conn: ConnLimits,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted: Arc<[crate::net::Cidr]>,
 }
 
 impl Live {
@@ -52,6 +54,7 @@ impl Live {
             },
             upstream_timeout: cfg.upstream_timeout,
             conn: ConnLimits::from_config(cfg),
+            trusted: Arc::from(cfg.trusted_proxies.clone()),
         }
     }
 }

@@ -28,7 +28,8 @@ use tokio::task::JoinHandle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr} (`{key}`): {source}")]
+    // The cause is the error's source: `{:#}` prints it once, after this.
+    #[error("cannot listen on {addr} (`{key}`)")]
     Bind {
         key: &'static str,
         addr: SocketAddr,
@@ -36,11 +37,11 @@ pub enum StartError {
     },
     #[error(transparent)]
     TokenFile(#[from] TokenFileError),
-    #[error("TLS: {0}")]
+    #[error("TLS")]
     Tls(#[from] TlsError),
     #[error("Unleash sync: {0}")]
     Unleash(String),
-    #[error("cannot watch {path}: {source}")]
+    #[error("cannot watch {path}")]
     Watch { path: String, source: notify::Error },
 }
 
@@ -59,10 +60,19 @@ pub struct Running {
     _watchers: Vec<notify::RecommendedWatcher>,
 }
 
-async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { key, addr, source })
+/// A listener with an explicit accept backlog (the kernel caps it at `net.core.somaxconn`): at the
+/// connection cap, new clients wait there instead of being refused.
+async fn bind(key: &'static str, addr: SocketAddr, backlog: u32) -> Result<TcpListener, StartError> {
+    let err = |source| StartError::Bind { key, addr, source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(backlog).map_err(err)
 }
 
 /// The token-file source: loaded once (errors stop the start), then watched. Replaced whole when a
@@ -112,8 +122,8 @@ pub async fn start(cfg: Config, settings: Option<Settings>) -> Result<Running, S
         None => None,
     };
 
-    let proxy_listener = bind("listen", cfg.listen).await?;
-    let admin_listener = bind("admin_listen", cfg.admin_listen).await?;
+    let proxy_listener = bind("listen", cfg.listen, cfg.listen_backlog).await?;
+    let admin_listener = bind("admin_listen", cfg.admin_listen, 128).await?;
     let local = |l: &TcpListener, key, addr| l.local_addr().map_err(|source| StartError::Bind { key, addr, source });
     let proxy_addr = local(&proxy_listener, "listen", cfg.listen)?;
     let admin_addr = local(&admin_listener, "admin_listen", cfg.admin_listen)?;

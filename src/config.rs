@@ -82,6 +82,7 @@ pub struct TlsFiles {
 pub struct Config {
     pub config_file: Option<PathBuf>,
     pub listen: SocketAddr,
+    pub listen_backlog: u32,
     pub admin_listen: SocketAddr,
     pub upstream: UpstreamUrl,
     pub token_file: Option<PathBuf>,

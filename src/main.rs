@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use flaggate::config::{parse_log_format, Config, Settings};
 use flaggate::internals::Policy;
-use flaggate::internals::{self as token, Digest, Shape};
+use flaggate::internals::{self as token, Digest, Shape, TokenKind};
 use std::io::Read;
 use std::path::PathBuf;
 
@@ -51,6 +51,9 @@ enum TokenCmd {
     /// Pass `-` to read the token from stdin and keep it out of shell history.
     Explain {
         token: String,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         settings: Settings,
     },
@@ -79,7 +82,7 @@ fn main() -> std::process::ExitCode {
         Some(Cmd::Run(s)) => run(s),
         Some(Cmd::Demo(d)) => demo(d),
         Some(Cmd::CheckConfig(s)) => check_config(s),
-        Some(Cmd::Token(TokenCmd::Explain { token, settings })) => explain(&token, settings),
+        Some(Cmd::Token(TokenCmd::Explain { token, json, settings })) => explain(&token, json, settings),
         Some(Cmd::Health(h)) => health(h),
     };
     match result {
@@ -214,9 +217,9 @@ fn check_config(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn explain(token_arg: &str, settings: Settings) -> anyhow::Result<()> {
+fn explain(token_arg: &str, json: bool, settings: Settings) -> anyhow::Result<()> {
     let mut buf = String::new();
-    let tok = if token_arg == "-" {
+    let raw = if token_arg == "-" {
         std::io::stdin()
             .read_to_string(&mut buf)
             .context("reading the token from stdin")?;
@@ -224,19 +227,23 @@ fn explain(token_arg: &str, settings: Settings) -> anyhow::Result<()> {
     } else {
         token_arg
     };
-    if tok.is_empty() {
+    // As the gateway reads Authorization: `Bearer <token>` is the token, not a project named "Bearer".
+    let Some(tok) = flaggate::internals::token_from_value(raw) else {
         bail!("empty token");
-    }
+    };
     let digest = Digest::of(tok);
-    println!("fingerprint: {}", digest.fingerprint());
-    match token::parse(tok) {
-        Shape::Pat => println!("shape:       personal access token (user:…)"),
+    let shape = match token::parse(tok) {
+        Shape::Pat => serde_json::json!({"form": "personal access token (user:…)"}),
         Shape::Api { projects, environment } => {
-            println!("shape:       API token, projects label {projects:?}, environment label {environment:?}")
+            let projects = match projects {
+                token::ProjectLabel::All => "all projects (*)".to_string(),
+                token::ProjectLabel::Several => "several projects ([])".to_string(),
+                token::ProjectLabel::One(p) => p.to_string(),
+            };
+            serde_json::json!({"form": "API token", "projects_label": projects, "environment_label": environment})
         }
-        Shape::Legacy => println!("shape:       legacy token without a project:environment prefix"),
-    }
-    println!("note:        the label is informational; Unleash and flaggate authorize by the whole token");
+        Shape::Legacy => serde_json::json!({"form": "legacy token without a project:environment label"}),
+    };
     // Without a config we can still say what the label suggests; with one we say what the store says.
     let (entry, policy) = match settings.resolve() {
         Ok((cfg, _)) => {
@@ -249,43 +256,125 @@ fn explain(token_arg: &str, settings: Settings) -> anyhow::Result<()> {
         Err(_) if settings.config.is_none() && settings.token_file.is_none() => (None, Policy::default()),
         Err(e) => return Err(e.into()),
     };
-    let kind = match &entry {
-        Some(info) => {
-            println!("found:       yes, in the token file ({})", info.source.as_str());
-            println!("kind:        {}", info.kind);
-            println!("projects:    {}", info.projects.join(", "));
-            println!("environment: {}", info.environment.as_deref().unwrap_or("(any)"));
-            println!("name:        {}", info.name.as_deref().unwrap_or("(none)"));
-            if let Some(t) = info.expires_at {
-                let expired = info.is_expired_at(token::now_unix());
-                println!(
-                    "expires_at:  {t} (unix){}",
-                    if expired { " — EXPIRED, will be denied" } else { "" }
-                );
-            }
-            Some(info.kind)
-        }
-        None => {
-            println!(
-                "found:       not in the configured token file (tokens synced from Unleash are checked at runtime)"
-            );
-            token::parse(tok).kind_hint()
-        }
+    let rfc3339 = |t: i64| {
+        time::OffsetDateTime::from_unix_timestamp(t)
+            .ok()
+            .and_then(|d| d.format(&time::format_description::well_known::Rfc3339).ok())
+            .unwrap_or_else(|| t.to_string())
     };
-    match kind {
-        Some(k) => {
-            let reach: Vec<String> = policy
-                .reachable(k)
-                .iter()
-                .map(|r| format!("{} ({})", r.name, r.prefix))
-                .collect();
-            println!("may reach:   {}", reach.join(", "));
+    let reach = |k| -> Vec<String> {
+        policy
+            .reachable(k)
+            .iter()
+            .map(|r| format!("{} ({})", r.name, r.prefix))
+            .collect()
+    };
+    let mut report = serde_json::json!({
+        "fingerprint": digest.fingerprint().to_string(),
+        "shape": shape,
+        "note": "the label is informational; Unleash and flaggate authorize by the whole token",
+    });
+    match &entry {
+        Some(info) => {
+            let expired = info.is_expired_at(token::now_unix());
+            report["found"] = "in the token file".into();
+            report["kind"] = info.kind.as_str().into();
+            report["projects"] = info.projects.to_vec().into();
+            report["environment"] = info.environment.as_deref().unwrap_or("(any)").into();
+            report["name"] = info.name.as_deref().unwrap_or("(none)").into();
+            if let Some(t) = info.expires_at {
+                report["expires_at"] = rfc3339(t).into();
+                report["expired"] = expired.into();
+            }
+            report["may_reach"] = if expired { Vec::new() } else { reach(info.kind) }.into();
         }
         None => {
-            println!("may reach:   depends on its type in the store (client → /api/client, frontend → /api/frontend)")
+            report["found"] =
+                "not in the configured token file (tokens synced from Unleash are checked at runtime)".into();
+            match token::parse(tok).kind_hint() {
+                Some(TokenKind::Pat) => {
+                    report["kind"] = "pat (by its label; only Unleash can say whether it is valid)".into();
+                    report["may_reach_if_unleash_accepts_it"] = reach(TokenKind::Pat).into();
+                }
+                Some(k) => {
+                    report["kind"] = format!("{k} (by its label; not in the token file)").into();
+                    report["may_reach_if_unleash_lists_it"] = reach(k).into();
+                }
+                None => {
+                    report["may_reach"] =
+                        "depends on its type in the store (client → /api/client, frontend → /api/frontend)".into();
+                }
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .map(|x| x.as_str().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        other => other.to_string(),
+    };
+    let line = |label: &str, v: &serde_json::Value| println!("{:<12} {}", format!("{label}:"), text(v));
+    line("fingerprint", &report["fingerprint"]);
+    let sh = &report["shape"];
+    let mut shape_text = text(&sh["form"]);
+    if sh.get("projects_label").is_some() {
+        shape_text.push_str(&format!(
+            ", projects label {}, environment label {}",
+            text(&sh["projects_label"]),
+            text(&sh["environment_label"])
+        ));
+    }
+    line("shape", &shape_text.into());
+    line("note", &report["note"]);
+    line("found", &report["found"]);
+    for (key, label) in [
+        ("kind", "kind"),
+        ("projects", "projects"),
+        ("environment", "environment"),
+        ("name", "name"),
+        ("expires_at", "expires at"),
+    ] {
+        if let Some(v) = report.get(key) {
+            line(label, v);
+        }
+    }
+    if report["expired"] == true {
+        line("status", &"EXPIRED: will be denied".into());
+    }
+    for (key, label) in [
+        ("may_reach", "may reach"),
+        ("may_reach_if_unleash_accepts_it", "may reach"),
+        ("may_reach_if_unleash_lists_it", "may reach"),
+    ] {
+        if let Some(v) = report.get(key) {
+            let mut t = text(v);
+            if key != "may_reach" {
+                t.push_str(if key.ends_with("accepts_it") {
+                    "  (if Unleash accepts it)"
+                } else {
+                    "  (if Unleash lists it with that kind)"
+                });
+            }
+            line(label, &t.into());
         }
     }
     Ok(())
+}
+
+/// Removes a directory when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn demo(args: DemoArgs) -> anyhow::Result<()> {
@@ -306,6 +395,8 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
         ));
         tracing::info!(addr = %upstream_addr, "DEMO upstream started: a built-in sample flag server, not Unleash");
 
+        // The built-in token file's temporary directory goes when the demo ends, however it ends.
+        let mut _cleanup = None;
         let token_file = match args.token_file {
             Some(p) => p,
             None if std::path::Path::new(flaggate::demo::DEMO_TOKENS_PATH).exists() => {
@@ -316,6 +407,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
                 std::fs::create_dir_all(&dir)?;
                 let p = dir.join("demo-tokens.yaml");
                 std::fs::write(&p, flaggate::demo::DEMO_TOKENS)?;
+                _cleanup = Some(RemoveOnDrop(dir));
                 p
             }
         };

@@ -275,6 +275,7 @@ impl Settings {
         let cfg = Config {
             config_file: file_path.map(Path::to_path_buf),
             listen,
+            listen_backlog: l.req("listen_backlog", parse_count)?,
             admin_listen,
             upstream: upstream.upstream,
             token_file,

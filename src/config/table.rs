@@ -132,6 +132,10 @@ settings! {
         env: "FLAGGATE_ADMIN_LISTEN", value: "ADDR", default: "0.0.0.0:9243", apply: restart,
         help: "Admin listener for /health, /ready, /metrics",
     }
+    listen_backlog {
+        env: "FLAGGATE_LISTEN_BACKLOG", value: "N", default: "1024", apply: restart,
+        help: "Connections the kernel queues for the proxy listener while the gateway is at max_connections (capped by net.core.somaxconn)",
+    }
     upstream {
         env: "FLAGGATE_UPSTREAM", value: "URL", default: "http://127.0.0.1:4242", apply: restart,
         help: "Unleash base URL, without /api",

@@ -43,6 +43,11 @@ impl UpstreamUrl {
             warning = Some(format!(
                 "upstream `{s}` ends in /api; flaggate forwards full paths (/api/client/...), so it uses `{scheme}://{authority}{base_path}` as the Unleash base URL"
             ));
+        } else if base_path.contains("/api/") {
+            // Kept as given (Unleash may really live under such a path), but most likely an SDK URL.
+            warning = Some(format!(
+                "upstream `{s}` has /api/ in its path; flaggate appends full paths (/api/client/...) to it, so requests would go to {base_path}/api/client/...: give Unleash's base URL (without /api...) unless Unleash really is mounted there"
+            ));
         }
         if !base_path.is_empty()
             && crate::path::canonicalize(&base_path)
@@ -105,6 +110,9 @@ mod tests {
         let p = UpstreamUrl::parse("http://127.0.0.1:4242/api/").unwrap();
         assert_eq!(p.upstream.to_string(), "http://127.0.0.1:4242");
         assert!(p.warning.unwrap().contains("/api"));
+        let p = UpstreamUrl::parse("https://flags.example.com/api/client/features").unwrap();
+        assert_eq!(p.upstream.base_path, "/api/client/features", "kept as given");
+        assert!(p.warning.unwrap().contains("/api/"));
         let p = UpstreamUrl::parse("http://unleash:4242/unleash").unwrap();
         assert_eq!(p.upstream.base_path, "/unleash");
         assert!(p.warning.is_none());

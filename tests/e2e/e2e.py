@@ -259,7 +259,7 @@ def admin_truth(state, env="development"):
 
 
 def _cli_expect(argv):
-    """expect NAME METHOD URL STATUS [--token T] [--code C] [--json-key K=V]... [--within SECONDS]
+    """expect NAME METHOD URL STATUS [--token T] [--header 'K: V']... [--code C] [--json-key K=V]... [--within SECONDS]
 
     With --within, retries until the expectation holds or the time is up (prints the time it took)."""
     import argparse
@@ -270,6 +270,7 @@ def _cli_expect(argv):
     p.add_argument("url")
     p.add_argument("status", type=int)
     p.add_argument("--token")
+    p.add_argument("--header", action="append", default=[], help="'Name: value': an extra request header")
     p.add_argument("--code", help="expected JSON `code` field")
     p.add_argument("--json-key", action="append", default=[], help="K=V: top-level JSON key must equal V (JSON literal or string)")
     p.add_argument("--has-key", action="append", default=[], help="top-level JSON key must be present")
@@ -284,10 +285,12 @@ def _cli_expect(argv):
             want[k] = json.loads(v)
         except ValueError:
             want[k] = v
+    headers = dict(h.split(":", 1) for h in a.header)
+    headers = {k.strip(): v.strip() for k, v in headers.items()}
     started = time.monotonic()
     while True:
         try:
-            r = request(a.method, a.url, token=a.token)
+            r = request(a.method, a.url, token=a.token, headers=headers)
             body = r.json()
             good = r.status == a.status and matches(body, want) and all(isinstance(body, dict) and k in body for k in a.has_key)
             got = f"{r!r} [{r.elapsed * 1000:.0f} ms]"

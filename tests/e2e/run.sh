@@ -3,7 +3,9 @@
 # Python UnleashClient, browser unleash-proxy-client in headless Chromium), all through flaggate in
 # Unleash-sync mode. flaggate reaches Unleash over https:// only: nginx terminates TLS in front of
 # Unleash (throwaway CA, regenerated each run) and flaggate trusts it through --upstream-ca, so token
-# sync, PAT checks and every forwarded request cross a real TLS hop. See tests/e2e/README.md.
+# sync, PAT checks and every forwarded request cross a real TLS hop. flaggate runs with its shield on (short
+# TTL, documents persisted in its state dir); check g proves it against real SDKs, through a 2-minute
+# Unleash outage and a flaggate restart during it. See tests/e2e/README.md.
 #
 #   bash tests/e2e/run.sh            # as root on Debian 12 (installs what is missing)
 #
@@ -26,6 +28,18 @@ RUN=$WORK/run
 T0=$(date +%s)
 
 SYNC_INTERVAL_S=1
+
+# The shield (check g): flaggate answers SDK feature polls from its per-token cache, revalidated with
+# Unleash's ETag once a document is older than the TTL; documents persisted in --state-dir. A short TTL
+# keeps the freshness checks fast. Check g runs SHIELD_NODE_N Node and SHIELD_PY_N Python SDK instances
+# polling every SHIELD_POLL_S, stops Unleash and nginx for SHIELD_OUTAGE_S and restarts flaggate
+# SHIELD_RESTART_AT_S into it.
+SHIELD_TTL_S=2
+SHIELD_POLL_S=1
+SHIELD_NODE_N=5
+SHIELD_PY_N=3
+SHIELD_OUTAGE_S=120
+SHIELD_RESTART_AT_S=55
 
 # Filled in from the port each server got (0 = let the kernel choose, on the first start).
 UNLEASH_PORT=0 GW_PORT=0 GW_ADMIN_PORT=0
@@ -56,6 +70,7 @@ UNLEASH_PID=""
 PAGE_PID=""
 NGINX_PID=""
 NOCA_PID="" # the short-lived flaggate without --upstream-ca (TLS check)
+SHIELD_NODE_PID="" SHIELD_PY_PID="" # the SDK watchers of the shield check
 
 say() { printf '%s [%3ss] %s\n' "==" "$(($(date +%s) - T0))" "$*"; }
 die() {
@@ -105,6 +120,8 @@ cleanup() {
     print_logs
   fi
   stop_pid "$NOCA_PID" "flaggate (no --upstream-ca)"
+  stop_pid "$SHIELD_NODE_PID" "shield Node SDKs"
+  stop_pid "$SHIELD_PY_PID" "shield Python SDKs"
   stop_pid "$FLAGGATE_PID" flaggate
   stop_pid "$NGINX_PID" nginx
   stop_pid "$UNLEASH_PID" unleash
@@ -188,10 +205,11 @@ exec_flaggate() { # exec_flaggate PORT ADMIN_PORT STATE_DIR [FLAG...]: becomes f
     --state-dir "$state_dir" --log-format json "$@"
 }
 
-start_flaggate() {
+start_flaggate() { # the suite's flaggate: shield on (short TTL), its documents persisted in the state dir
   local skip
   skip=$(wc -l <"$FLAGGATE_LOG")
-  (exec_flaggate "$GW_PORT" "$GW_ADMIN_PORT" "$RUN/flaggate-state" --upstream-ca "$TLS_DIR/ca.pem") \
+  (exec_flaggate "$GW_PORT" "$GW_ADMIN_PORT" "$RUN/flaggate-state" --upstream-ca "$TLS_DIR/ca.pem" \
+    --shield on --shield-ttl "${SHIELD_TTL_S}s" --shield-persist on) \
     >>"$RUN/flaggate.stdout" 2>>"$FLAGGATE_LOG" &
   FLAGGATE_PID=$!
   # Its start line names the addresses it bound: {"message":"flaggate started","listen":"127.0.0.1:N",...}
@@ -268,8 +286,9 @@ error_log $NGINX_ERROR_LOG info; # info: TLS handshake failures are logged too
 events { worker_connections 512; }
 http {
     # The SSL protocol per request proves it came over TLS; only flaggate talks to this port (besides
-    # run.sh's own GET /health readiness probe).
-    log_format e2e '\$ssl_protocol "\$request" \$status upstream=\$upstream_status ua="\$http_user_agent" t=\$request_time';
+    # run.sh's own GET /health readiness probe). app, inm (If-None-Match) and ts (Unix seconds) let the
+    # shield check attribute flaggate's feature requests to the SDKs' keys and see they are conditional.
+    log_format e2e '\$ssl_protocol "\$request" \$status upstream=\$upstream_status ua="\$http_user_agent" t=\$request_time app="\$http_unleash_appname" inm="\$http_if_none_match" ts=\$msec';
     access_log $NGINX_ACCESS_LOG e2e;
     client_body_temp_path $NGINX_DIR/tmp/client_body;
     proxy_temp_path $NGINX_DIR/tmp/proxy;
@@ -434,6 +453,7 @@ cat >"$E2E_STATE" <<EOF
   "work": "$RUN",
   "flaggate_log": "$FLAGGATE_LOG",
   "sync_interval_s": $SYNC_INTERVAL_S,
+  "shield": {"ttl_s": $SHIELD_TTL_S, "poll_s": $SHIELD_POLL_S, "node_instances": $SHIELD_NODE_N, "python_instances": $SHIELD_PY_N},
   "tokens": {"admin": "$ADMIN_TOKEN", "backend": "$BACKEND_TOKEN", "frontend": "$FRONTEND_TOKEN"}
 }
 EOF
@@ -449,7 +469,7 @@ make_tls
 start_nginx
 say "nginx terminates TLS on $UPSTREAM -> $UNLEASH"
 
-say "flaggate in Unleash-sync mode (every ${SYNC_INTERVAL_S}s), upstream $UPSTREAM with --upstream-ca"
+say "flaggate in Unleash-sync mode (every ${SYNC_INTERVAL_S}s), upstream $UPSTREAM with --upstream-ca, shield TTL ${SHIELD_TTL_S}s, persisted"
 start_flaggate
 say "flaggate on $GATEWAY (admin $GATEWAY_ADMIN)"
 wait_http "$GATEWAY_ADMIN/ready" 200 30 || die "flaggate never became ready"
@@ -495,6 +515,12 @@ run_check() { # run_check NAME COMMAND...: its PASS/FAIL lines go to the console
 }
 gw_expect() { "$PY" "$HERE/e2e.py" expect "$@"; }
 
+# Check e is about what flaggate does with a request it FORWARDS while Unleash is down (status mapping,
+# readiness, the token snapshot). With the shield on, a poll of the client token's warm key would be
+# answered from the cache instead (check g proves that), so the polls below that must reach the
+# forwarding path send `Cache-Control: no-cache`: the shield's documented bypass (reason no_cache),
+# forwarded exactly as without the shield. Unknown-token polls need no bypass (denied first).
+NO_CACHE='Cache-Control: no-cache'
 outage() {
   local client=$1 junk="*:development.e2e-junk-during-outage" pid_before rc=0 new got skip
   # First only Unleash goes down: the TLS terminator still answers, with its own 502 page.
@@ -502,7 +528,7 @@ outage() {
   skip=$(wc -l <"$FLAGGATE_LOG")
   stop_pid "$UNLEASH_PID" unleash
   UNLEASH_PID=""
-  got=$(curl -s -o "$RUN/outage-nginx-502.body" -w '%{http_code}' -H "Authorization: $client" \
+  got=$(curl -s -o "$RUN/outage-nginx-502.body" -w '%{http_code}' -H "Authorization: $client" -H "$NO_CACHE" \
     "$GATEWAY/api/client/features" || true)
   if [ "$got" = 502 ] && grep -q '<center>nginx</center>' "$RUN/outage-nginx-502.body"; then
     echo "PASS e. outage: Unleash down behind nginx: known token -> 502 (nginx's own page, passed through; not 401)"
@@ -524,7 +550,7 @@ outage() {
   stop_pid "$NGINX_PID" nginx
   NGINX_PID=""
   gw_expect "e. outage: known token on /api/client/features -> 502 upstream_unreachable (not 401)" \
-    GET "$GATEWAY/api/client/features" 502 --token "$client" --code upstream_unreachable || rc=1
+    GET "$GATEWAY/api/client/features" 502 --token "$client" --header "$NO_CACHE" --code upstream_unreachable || rc=1
   gw_expect "e. outage: flaggate stays ready (/ready 200)" GET "$GATEWAY_ADMIN/ready" 200 --json-key ready=true || rc=1
   gw_expect "e. outage: unknown token -> 401 unknown_token" \
     GET "$GATEWAY/api/client/features" 401 --token "$junk" --code unknown_token || rc=1
@@ -545,7 +571,7 @@ outage() {
     rc=1
   fi
   gw_expect "e. outage: after restart, known token -> 502 upstream_unreachable" \
-    GET "$GATEWAY/api/client/features" 502 --token "$client" --code upstream_unreachable || rc=1
+    GET "$GATEWAY/api/client/features" 502 --token "$client" --header "$NO_CACHE" --code upstream_unreachable || rc=1
   gw_expect "e. outage: after restart, junk token -> 401 unknown_token" \
     GET "$GATEWAY/api/client/features" 401 --token "$junk" --code unknown_token || rc=1
 
@@ -558,7 +584,7 @@ outage() {
   start_unleash
   start_nginx
   gw_expect "e. outage: Unleash back -> known token 200 through the same flaggate process" \
-    GET "$GATEWAY/api/client/features" 200 --token "$client" --has-key features --within 10 || rc=1
+    GET "$GATEWAY/api/client/features" 200 --token "$client" --header "$NO_CACHE" --has-key features --within 10 || rc=1
   if [ "$FLAGGATE_PID" = "$pid_before" ] && kill -0 "$FLAGGATE_PID" 2>/dev/null; then
     echo "PASS e. outage: flaggate was not restarted for the recovery (pid $FLAGGATE_PID)"
   else
@@ -678,6 +704,66 @@ EOF
   return $rc
 }
 
+# Check g: the shield against the real Unleash (shield.py has the assertions, step by step; this function
+# owns the processes: the SDK watchers, Unleash, nginx and the flaggate restarted during the outage).
+shield_step() { "$PY" "$HERE/shield.py" "$@"; }
+stop_shield_sdks() {
+  stop_pid "$SHIELD_NODE_PID" "shield Node SDKs"
+  stop_pid "$SHIELD_PY_PID" "shield Python SDKs"
+  SHIELD_NODE_PID="" SHIELD_PY_PID=""
+}
+shield_check() {
+  local rc=0
+  say "shield: $SHIELD_NODE_N Node + $SHIELD_PY_N Python SDK instances poll flaggate every ${SHIELD_POLL_S}s (shield TTL ${SHIELD_TTL_S}s)"
+  (
+    close_check_fd
+    export E2E_SHIELD_POLL_MS=$((SHIELD_POLL_S * 1000))
+    exec node "$HERE/shield-node.mjs" watch "$SHIELD_NODE_N"
+  ) >"$RUN/shield-node.jsonl" 2>"$RUN/shield-node.err" &
+  SHIELD_NODE_PID=$!
+  (
+    close_check_fd
+    export E2E_SHIELD_POLL_S=$SHIELD_POLL_S
+    exec "$PY" "$HERE/shield_python.py" watch "$SHIELD_PY_N"
+  ) >"$RUN/shield-python.jsonl" 2>"$RUN/shield-python.err" &
+  SHIELD_PY_PID=$!
+  shield_step ready || {
+    stop_shield_sdks
+    return 1
+  }
+  shield_step freshness || rc=1
+  shield_step unaffected || rc=1
+  shield_step pre-outage || rc=1
+
+  # Outage: Unleash AND nginx stopped, so flaggate's upstream is a real transport failure.
+  say "shield: stopping Unleash and nginx for ${SHIELD_OUTAGE_S}s (SDKs keep polling flaggate)"
+  stop_pid "$UNLEASH_PID" unleash
+  UNLEASH_PID=""
+  stop_pid "$NGINX_PID" nginx
+  NGINX_PID=""
+  shield_step mark outage_start
+  shield_step outage "before the restart" || rc=1
+  shield_step hold "$SHIELD_RESTART_AT_S" || rc=1
+  say "shield: restarting flaggate during the outage (same --state-dir: token snapshot + shield documents)"
+  shield_step mark restart_begin
+  stop_pid "$FLAGGATE_PID" flaggate
+  start_flaggate
+  wait_http "$GATEWAY_ADMIN/ready" 200 15 || rc=1
+  shield_step mark restart_ready
+  shield_step restarted || rc=1
+  shield_step outage "after the restart" || rc=1
+  shield_step hold "$SHIELD_OUTAGE_S" || rc=1
+  shield_step review || rc=1
+
+  say "shield: starting Unleash again, then nginx (same TLS port)"
+  start_unleash
+  start_nginx
+  shield_step mark recovered
+  shield_step recovery || rc=1
+  stop_shield_sdks
+  return $rc
+}
+
 run_check "a. node-sdk" node node-sdk.mjs
 run_check "a. python-sdk" "$PY" python_sdk.py
 run_check "b. browser" "$PY" browser_check.py
@@ -688,6 +774,7 @@ CLIENT_TOKEN=$(token_from_state client)
 PAT_TOKEN=$(token_from_state pat)
 run_check "e. outage" outage "$CLIENT_TOKEN"
 run_check "f. tls" tls_check
+run_check "g. shield" shield_check
 
 # ---------------------------------------------------------------------------------------------------
 # 6. summary

@@ -254,3 +254,181 @@ fn check_config_prints_every_limit_in_effect() {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
 }
+
+#[test]
+fn token_explain_is_a_clean_report_in_text_and_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = write(
+        &dir,
+        "tokens.yaml",
+        "tokens:\n  - secret: \"*:development.explain-expiring\"\n    type: client\n    expires_at: 2030-01-02T03:04:05Z\n",
+    );
+    let run = |args: &[&str]| {
+        let out = flaggate().args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // `Bearer x` is read as the gateway reads Authorization; expiry is a date; no Rust debug values.
+    let text = run(&[
+        "token",
+        "explain",
+        "Bearer *:development.explain-expiring",
+        "--token-file",
+        &tokens,
+    ]);
+    assert!(text.contains("kind:        client"), "{text}");
+    assert!(text.contains("expires at:  2030-01-02T03:04:05Z"), "{text}");
+    assert!(
+        !text.contains("One(") && !text.contains("Bearer") && !text.contains("explain-expiring"),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&run(&[
+        "token",
+        "explain",
+        "--json",
+        "*:development.explain-expiring",
+        "--token-file",
+        &tokens,
+    ]))
+    .unwrap();
+    assert_eq!(json["kind"], "client");
+    assert_eq!(json["expires_at"], "2030-01-02T03:04:05Z");
+    assert_eq!(json["expired"], false);
+    assert!(json["may_reach"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r == "client (/api/client)"));
+    // A PAT nothing has validated: no claim beyond "if Unleash accepts it".
+    let pat = run(&["token", "explain", "user:explain-pat"]);
+    assert!(pat.contains("only Unleash can say"), "{pat}");
+    assert!(pat.contains("(if Unleash accepts it)"), "{pat}");
+}
+
+#[test]
+fn messages_say_where_and_what_and_take_what_people_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = write(&dir, "tokens.yaml", "tokens: []\n");
+    let check = |toml: &str| {
+        let cfg = write(&dir, "flaggate.toml", &format!("token_file = {tokens:?}\n{toml}"));
+        flaggate().args(["check-config", "--config", &cfg]).output().unwrap()
+    };
+    // A TOML syntax error: line and column, and the real problem.
+    let out = check("listen = \"127.0.0.1:1\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("line 2, column"), "{err}");
+    // A misspelt key: which, and the likely one.
+    let err = String::from_utf8_lossy(&check("sync_intervall = \"5s\"\n").stderr).into_owned();
+    assert!(
+        err.contains("`sync_intervall`") && err.contains("did you mean `sync_interval`"),
+        "{err}"
+    );
+    // Sizes as people write them: SI is powers of 1000, fractions are fine; a wrong unit says what works.
+    let out = check("max_request_body = \"1.5MiB\"\nrequest_body_buffer = \"10KB\"\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("max_request_body = 1.5MiB"), "{text}");
+    let err = String::from_utf8_lossy(&check("max_request_body = \"10 furlongs\"\n").stderr).into_owned();
+    assert!(err.contains("KiB/MiB/GiB") && err.contains("KB/MB/GB"), "{err}");
+    // Addresses as people type them.
+    for listen in ["localhost:4243", ":4243"] {
+        let out = check(&format!("listen = \"{listen}\"\n"));
+        assert!(
+            out.status.success(),
+            "{listen}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // An SDK URL given as the upstream: a warning, not silence.
+    let out = flaggate()
+        .args([
+            "check-config",
+            "--token-file",
+            &tokens,
+            "--upstream",
+            "https://flags.example.com/api/client/features",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/api/"));
+}
+
+#[test]
+fn a_port_in_use_is_said_once_and_the_demo_leaves_no_temp_directory() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = write(&dir, "tokens.yaml", "tokens: []\n");
+    let out = flaggate()
+        .args([
+            "run",
+            "--token-file",
+            &tokens,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(err.matches("Address already in use").count(), 1, "{err}");
+
+    // The demo, run away from the repository, writes its token file to a temp directory: gone after.
+    let tmp = tempfile::tempdir().unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let mut cmd = flaggate();
+    cmd.arg("demo").current_dir(cwd.path()).env("TMPDIR", tmp.path());
+    let mut demo = spawn_command(&mut cmd);
+    let made: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().flatten().collect();
+    assert_eq!(made.len(), 1, "the demo's token directory: {made:?}");
+    demo.sigterm();
+    assert!(demo.wait_exit(patience(Duration::from_secs(20))).is_some());
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// `config/flaggate.toml` documents every setting of the table, and is a working configuration both as
+/// shipped (all commented) and with every setting line uncommented.
+#[test]
+fn the_example_config_names_every_setting_and_passes_check_config() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let example = std::fs::read_to_string(format!("{root}/config/flaggate.toml")).unwrap();
+    for m in flaggate::config::SETTINGS {
+        assert!(
+            example.contains(&format!("\n# {} = ", m.key)),
+            "config/flaggate.toml does not show `{}`",
+            m.key
+        );
+        assert!(example.contains(m.env), "config/flaggate.toml does not name {}", m.env);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = write(&dir, "tokens.yaml", "tokens: []\n");
+    let as_shipped = write(&dir, "shipped.toml", &example);
+    let uncommented: String = example
+        .lines()
+        .filter_map(|l| {
+            let setting = l.strip_prefix("# ")?;
+            let key = setting.split(" = ").next()?;
+            flaggate::config::SETTINGS
+                .iter()
+                .any(|m| m.key == key)
+                .then(|| format!("{setting}\n"))
+        })
+        .collect();
+    assert_eq!(uncommented.lines().count(), flaggate::config::SETTINGS.len());
+    let everything = write(&dir, "everything.toml", &uncommented);
+    for cfg in [as_shipped, everything] {
+        let out = flaggate()
+            .args(["check-config", "--config", &cfg, "--token-file", &tokens])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{cfg}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}

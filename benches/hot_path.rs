@@ -109,6 +109,7 @@ fn bench(c: &mut Criterion) {
             extra_ca: None,
             identity: None,
             max_inflight: 1024,
+            proxy: &flaggate::config::EgressProxy::Direct,
             shares: flaggate::internals::Shares {
                 per_connection: 32,
                 per_token: 256,

@@ -68,6 +68,32 @@ impl fmt::Display for Secret {
     }
 }
 
+/// How requests reach Unleash: as the environment says, directly, or through this proxy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EgressProxy {
+    /// `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` / `NO_PROXY` (and their lowercase forms).
+    FromEnv,
+    Direct,
+    /// An `http://` proxy URL, credentials included (shown redacted).
+    Url(Secret),
+}
+
+pub(crate) fn parse_egress_proxy(s: &str) -> Result<EgressProxy, String> {
+    match s.trim() {
+        "env" => Ok(EgressProxy::FromEnv),
+        "none" | "off" | "direct" => Ok(EgressProxy::Direct),
+        url => {
+            let uri: http::Uri = url
+                .parse()
+                .map_err(|e| format!("`{url}` is not env, none or a proxy URL ({e})"))?;
+            match uri.scheme_str() {
+                Some("http") if uri.host().is_some() => Ok(EgressProxy::Url(Secret::new(url.to_string()))),
+                _ => Err("the egress proxy must be an http:// URL (https:// upstreams are tunnelled through it with CONNECT)".to_string()),
+            }
+        }
+    }
+}
+
 /// Certificate files for TLS termination (PEM), re-read when they change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsFiles {
@@ -85,6 +111,7 @@ pub struct Config {
     pub listen_backlog: u32,
     pub admin_listen: SocketAddr,
     pub upstream: UpstreamUrl,
+    pub upstream_proxy: EgressProxy,
     pub token_file: Option<PathBuf>,
     pub upstream_token: Option<Secret>,
     pub sync_interval: Duration,

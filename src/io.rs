@@ -25,8 +25,8 @@ impl<T, S> SensorIo<T, S> {
         SensorIo { io, sensor }
     }
 
-    pub fn get_ref(&self) -> &T {
-        &self.io
+    pub fn sensor(&self) -> &S {
+        &self.sensor
     }
 }
 

@@ -16,7 +16,7 @@ pub use body::{Body, BoxError};
 pub use error::{chain, UpstreamError};
 pub use slots::{ConnShare, Owner, Saturated, Scope, Shares, Slot, Slots};
 
-use crate::config::{Config, UpstreamUrl};
+use crate::config::{Config, EgressProxy, UpstreamUrl};
 use crate::tls::TlsError;
 use connector::CountingConnector;
 use http::uri::PathAndQuery;
@@ -39,6 +39,8 @@ pub struct Upstream {
     slots: Arc<Slots>,
     /// `Host` for every request, made once instead of formatted per request by the client.
     host: HeaderValue,
+    /// `Proxy-Authorization` for a forwarding egress proxy (a tunnel sends it with its CONNECT).
+    proxy_auth: Option<HeaderValue>,
     metrics: UpstreamMetrics,
 }
 
@@ -50,6 +52,7 @@ pub struct Settings<'a> {
     pub identity: Option<(&'a std::path::Path, &'a std::path::Path)>,
     pub max_inflight: usize,
     pub shares: Shares,
+    pub proxy: &'a EgressProxy,
 }
 
 impl<'a> Settings<'a> {
@@ -64,6 +67,7 @@ impl<'a> Settings<'a> {
             },
             max_inflight: cfg.upstream_max_inflight,
             shares: shares(cfg),
+            proxy: &cfg.upstream_proxy,
         }
     }
 }
@@ -81,6 +85,7 @@ impl Upstream {
     /// `TCP_NODELAY`, the connect timeout, and TLS verified against the platform roots plus the extra
     /// CA — there is no "skip verification".
     pub fn new(s: Settings<'_>, registry: &prometheus::Registry) -> Result<Upstream, TlsError> {
+        let (route, proxy_auth) = egress_route(&s)?;
         let slots = Slots::new(s.max_inflight, s.shares, s.connect_timeout);
         let metrics = UpstreamMetrics::register(registry, slots.clone());
         let mut connector = HttpConnector::new();
@@ -92,7 +97,7 @@ impl Upstream {
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
-            .wrap_connector(CountingConnector::new(connector, metrics.connections.clone()));
+            .wrap_connector(CountingConnector::new(connector, route, metrics.connections.clone()));
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
@@ -103,6 +108,7 @@ impl Upstream {
             client,
             slots,
             host: s.url.host_header(),
+            proxy_auth,
             metrics,
         })
     }
@@ -163,6 +169,8 @@ impl Upstream {
         timeout: Duration,
     ) -> (Result<Response<Incoming>, UpstreamError>, Option<Slot>) {
         let detachable = req.body().is_complete();
+        let mut req = req;
+        self.add_proxy_auth(req.headers_mut());
         let mut inflight = Detach {
             fut: Some(self.client.request(req)),
             slot: Some(slot),
@@ -203,11 +211,63 @@ impl Upstream {
             .map_err(|e| UpstreamError::Protocol(Box::new(e)))?;
         *req.headers_mut() = headers;
         req.headers_mut().insert(http::header::HOST, self.host.clone());
+        self.add_proxy_auth(req.headers_mut());
         match tokio::time::timeout(timeout, self.client.request(req)).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(UpstreamError::classify(e)),
             Err(_) => Err(UpstreamError::Timeout(timeout)),
         }
+    }
+}
+
+impl Upstream {
+    fn add_proxy_auth(&self, headers: &mut HeaderMap) {
+        if let Some(auth) = &self.proxy_auth {
+            headers.insert(http::header::PROXY_AUTHORIZATION, auth.clone());
+        }
+    }
+}
+
+/// How connections reach the upstream: the egress proxy the settings (or the environment) name for it,
+/// if any, and the credentials a forwarding proxy needs on each request.
+fn egress_route(s: &Settings<'_>) -> Result<(connector::Route, Option<HeaderValue>), TlsError> {
+    use hyper_util::client::proxy::matcher::Matcher;
+    let matcher = match s.proxy {
+        EgressProxy::Direct => return Ok((connector::Route::Direct, None)),
+        EgressProxy::FromEnv => Matcher::from_env(),
+        EgressProxy::Url(u) => Matcher::builder().all(u.expose().to_string()).build(),
+    };
+    let dst: Uri = format!("{}://{}/", s.url.scheme, s.url.authority)
+        .parse()
+        .map_err(|e| TlsError::Config(format!("upstream URL: {e}")))?;
+    let Some(intercept) = matcher.intercept(&dst) else {
+        return Ok((connector::Route::Direct, None));
+    };
+    let proxy = intercept.uri().clone();
+    if proxy.scheme_str() != Some("http") {
+        return Err(TlsError::Config(format!(
+            "egress proxy `{}://{}`: only http:// proxies are supported",
+            proxy.scheme_str().unwrap_or(""),
+            proxy.authority().map_or("", |a| a.as_str())
+        )));
+    }
+    let auth = intercept.basic_auth().cloned();
+    tracing::info!(
+        proxy = %format!("http://{}", proxy.authority().map_or("", |a| a.host())),
+        upstream = %s.url,
+        "reaching Unleash through an egress proxy"
+    );
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(s.connect_timeout));
+    if s.url.scheme == http::uri::Scheme::HTTPS {
+        let mut tunnel = connector::Tunnel::new(proxy, http);
+        if let Some(a) = auth {
+            tunnel = tunnel.with_auth(a);
+        }
+        Ok((connector::Route::Tunnel(tunnel), None))
+    } else {
+        Ok((connector::Route::Forward(proxy), auth))
     }
 }
 

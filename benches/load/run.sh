@@ -151,7 +151,7 @@ $(common_http)
   server { listen 127.0.0.1:$STATIC_CACHE_PORT; access_log $WORK/logs/upstream-cache.log counted; $static_location }
 }
 EOF
-touch "$WORK/logs/upstream-shield.log" "$WORK/logs/upstream-cache.log"
+touch "$WORK/logs/upstream-shield.log" "$WORK/logs/upstream-cache.log" "$WORK/results"
 # The hand-rolled gateway an operator might write: a map of tokens and proxy_pass with keep-alive.
 # (map compares case-insensitively: it accepts an upper-cased token — sloppier than flaggate.)
 cat > "$WORK/proxy.conf" <<EOF
@@ -560,8 +560,8 @@ PY2
     wait $!
     echo "   top symbols ($name, $enc; % of its samples, kernel and user):"
     perf report -q -i "$WORK/perf-$pid.data" --no-children --sort dso,symbol --stdio --percent-limit 1.2 2>/dev/null |
-      grep -v '^$' | head -25 | sed 's/^/     /'
-    perf report -q -i "$WORK/perf-$pid.data" --no-children --sort dso --stdio 2>/dev/null | grep -v '^$' | head -6 | sed 's/^/     by dso: /'
+      grep -v '^$' | head -25 | sed -E 's/[ -]+$//; s/^/     /'
+    perf report -q -i "$WORK/perf-$pid.data" --no-children --sort dso --stdio 2>/dev/null | grep -v '^$' | head -4 | sed -E 's/[ -]+$//; s/^ */     by dso: /'
   }
   echo "== profile (perf): per-request counts and top symbols, identity unless said"
   [ -n "${fg_pids[base]:-}" ] && profile_target "base pass-through" "${fg_ports[base]}" "${fg_pids[base]}" identity

@@ -111,6 +111,14 @@ fn read_file(p: &Path) -> Result<FileSettings, ConfigError> {
     })
 }
 
+/// A URL without its `user:password@`.
+fn redact_userinfo(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://<redacted>@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_string(),
+    }
+}
+
 /// The known key nearest to a misspelt one (at most two edits away), for the error's hint.
 fn closest_key(wrong: &str) -> Option<&'static str> {
     fn distance(a: &str, b: &str) -> usize {
@@ -153,6 +161,11 @@ impl Settings {
         let upstream = l.req("upstream", UpstreamUrl::parse)?;
         warnings.extend(upstream.warning);
         l.show("upstream", upstream.upstream.to_string());
+        let upstream_proxy = l.req("upstream_proxy", parse_egress_proxy)?;
+        if let EgressProxy::Url(u) = &upstream_proxy {
+            // The URL may carry credentials: shown without them.
+            l.show("upstream_proxy", redact_userinfo(u.expose()));
+        }
         let upstream_token = l.get("upstream_token", |v| match v.trim() {
             "" => Err("is empty".to_string()),
             t => Ok(Secret::new(t.to_string())),
@@ -278,6 +291,7 @@ impl Settings {
             listen_backlog: l.req("listen_backlog", parse_count)?,
             admin_listen,
             upstream: upstream.upstream,
+            upstream_proxy,
             token_file,
             upstream_token,
             sync_interval: l.req("sync_interval", parse_duration)?,

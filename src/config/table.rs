@@ -144,6 +144,10 @@ settings! {
         env: "FLAGGATE_TOKEN_FILE", value: "FILE", apply: live, path: true,
         help: "YAML token file, watched for changes",
     }
+    upstream_proxy {
+        env: "FLAGGATE_UPSTREAM_PROXY", value: "env|none|URL", default: "env", apply: restart,
+        help: "Egress proxy for every request to Unleash (forwarding, token sync, PAT checks, shield fills): env honours HTTPS_PROXY / HTTP_PROXY / NO_PROXY (and lowercase); none connects directly; an http:// URL (user:password@ allowed) overrides the environment. https:// upstreams are tunnelled with CONNECT",
+    }
     upstream_token {
         env: "FLAGGATE_UPSTREAM_TOKEN", value: "TOKEN", apply: restart, secret: true,
         help: "Admin token or PAT used to sync the token list from Unleash",

@@ -15,7 +15,8 @@ Steps (`python3 shield.py STEP`), state between them in work/run/shield.json:
   unaffected     /api/frontend, the admin API and an admin token on the features path are forwarded
                  every time, never answered from the shield (no `cache` in their access-log lines)
   pre-outage     raw curl polls (client and backend token): the ETag and body flaggate serves are
-                 Unleash's own, byte for byte; remembered for the outage
+                 Unleash's own, byte for byte (and its gzip copy has the same ETag); remembered for the
+                 outage
   mark NAME      records the time of NAME (outage_start, restart_begin, restart_ready, recovered)
   outage LABEL   during the outage: raw curl polls get 200 with the same ETag and body (304 to the
                  ETag), a fresh Node and a fresh Python SDK process get the flags (not defaults), a cold
@@ -31,6 +32,7 @@ Steps (`python3 shield.py STEP`), state between them in work/run/shield.json:
 """
 
 import datetime
+import gzip
 import hashlib
 import json
 import os
@@ -416,6 +418,18 @@ def step_pre_outage():
             f"flaggate {st} ETag {h.get('etag')} {len(body)} B; Unleash {dst} ETag {dh.get('etag')} {len(dbody)} B",
         )
         s["raw"][kind] = {"etag": h.get("etag"), "sha256": hashlib.sha256(body).hexdigest(), "features": feature_names(body)}
+    # README ("Exact"): a body from 1 KiB gets a gzip copy, served with the same ETag and Vary: Accept-Encoding.
+    st, h, body = curl(G + FEATURES, T["client"], "Accept-Encoding: gzip")
+    try:
+        plain = gzip.decompress(body) if h.get("content-encoding") == "gzip" else None
+    except OSError:
+        plain = None
+    want = s["raw"]["client"]
+    c.ok(
+        "raw curl poll accepting gzip: the gzip copy, with the same ETag and Vary: Accept-Encoding",
+        st == 200 and plain is not None and hashlib.sha256(plain).hexdigest() == want["sha256"] and h.get("etag") == want["etag"] and "accept-encoding" in h.get("vary", "").lower(),
+        f"{st} Content-Encoding {h.get('content-encoding')} ETag {h.get('etag')} Vary {h.get('vary')}; {len(body)} B -> {len(plain) if plain is not None else '?'} B",
+    )
     save(s)
 
 

@@ -13,6 +13,7 @@ mod cli;
 mod client_addresses;
 mod client_gone;
 mod deploy;
+mod egress;
 mod fairness;
 mod hardening;
 mod limits;

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 pub fn flaggate() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_flaggate"));
     for (k, _) in std::env::vars() {
-        if k.starts_with("FLAGGATE_") || k == "RUST_LOG" {
+        // Proxy variables too: a machine's egress proxy must not carry the tests' loopback traffic.
+        let proxy = ["http_proxy", "https_proxy", "all_proxy", "no_proxy"].contains(&k.to_ascii_lowercase().as_str());
+        if k.starts_with("FLAGGATE_") || k == "RUST_LOG" || proxy {
             c.env_remove(k);
         }
     }

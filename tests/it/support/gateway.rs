@@ -130,6 +130,9 @@ impl Builder {
             s.state_dir = Some(d.display().to_string());
         }
         s.listen.get_or_insert_with(|| "127.0.0.1:0".into());
+        // Hermetic: the machine's HTTP(S)_PROXY must not carry loopback traffic (tests/it/egress.rs
+        // sets a proxy explicitly).
+        s.upstream_proxy.get_or_insert_with(|| "none".into());
         s.admin_listen.get_or_insert_with(|| "127.0.0.1:0".into());
         s.upstream = Some(self.upstream.unwrap_or_else(|| "http://127.0.0.1:9".into()));
         if let Some(toml) = self.config_toml {

@@ -4,6 +4,7 @@
 
 pub mod binary;
 pub mod client;
+pub mod egress;
 pub mod features;
 pub mod gateway;
 pub mod logs;

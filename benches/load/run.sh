@@ -313,13 +313,15 @@ enc_headers() { # sets HDRS: the wrk/curl header arguments for an encoding
 }
 
 # run NAME PORT ENC LOG PIDS... -> one result line; appends to results:
-#   name|enc|rps|cpu|user|sys|static|wrk|non2xx|sockerr|busy|upstream_reqs|noisy
+#   name|enc|rps|cpu|user|sys|static|wrk|non2xx|sockerr|busy|upstream_reqs|noisy|round
+# A round is noisy when the machine was not quiet before it (see quiet) or other work was running when it
+# ended; the summary leaves noisy rounds out.
 # CPU per request is split into user and kernel time, and the static upstream's and wrk's share of the
 # same run are measured too: on a shared 2-core box they are the rest of the budget. LOG (or -) is the
 # upstream access log whose new lines are this target's upstream requests.
 run() {
   local name=$1 port=$2 enc=$3 log=$4; shift 4
-  local b0 a0 b1 a1 s0 s1 w0 w1 out rps p50 p99 reqs non2xx sockerr l0=0 l1=0
+  local b0 a0 b1 a1 s0 s1 w0 w1 out rps p50 p99 reqs non2xx sockerr l0=0 l1=0 after
   quiet
   enc_headers "$enc"
   [ "$log" != - ] && l0=$(wc -l < "$log")
@@ -331,6 +333,8 @@ run() {
     "http://127.0.0.1:$port/api/client/features")
   children_cpu
   w1=$CHILDREN_CPU
+  after=$(foreign)
+  [ -n "$after" ] && [ -z "$NOISY" ] && NOISY="during: $after"
   read -r b1 a1 < <(cpu_ticks "$@")
   read -r s1 < <(cpu_ticks $STATIC_PIDS | awk '{print $1 + $2}')
   [ "$log" != - ] && l1=$(wc -l < "$log")
@@ -341,20 +345,20 @@ run() {
   non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
   sockerr=$(echo "$out" | awk '/Socket errors/ {gsub(",", ""); print $4 + $6 + $8 + $10}')
   python3 - "$name" "$enc" "$rps" "$reqs" "$p50" "$p99" "${non2xx:-0}" "${sockerr:-0}" "$HZ" "$b0" "$b1" "$a0" "$a1" \
-    "$s0" "$s1" "$w0" "$w1" "$BUSY" "$([ "$log" != - ] && echo $((l1 - l0)) || echo -)" "${NOISY:--}" "$WORK/results" <<'PY'
+    "$s0" "$s1" "$w0" "$w1" "$BUSY" "$([ "$log" != - ] && echo $((l1 - l0)) || echo -)" "${NOISY:--}" "$WORK/results" "${ROUND:-0}" <<'PY'
 import sys
 name, enc, rps, reqs, p50, p99, non2xx, sockerr, hz = sys.argv[1:10]
 b0, b1, a0, a1, s0, s1 = map(int, sys.argv[10:16])
-w0, w1, busy, up, noisy, results = float(sys.argv[16]), float(sys.argv[17]), sys.argv[18], sys.argv[19], sys.argv[20], sys.argv[21]
+w0, w1, busy, up, noisy, results, rnd = float(sys.argv[16]), float(sys.argv[17]), *sys.argv[18:23]
 reqs, hz = max(int(reqs), 1), int(hz)
 us = lambda ticks: ticks / hz * 1e6 / reqs
 user, sys_, static, wrk = us(b1 - b0), us(a1 - a0), us(s1 - s0), (w1 - w0) * 1e6 / reqs
 print(f"{name:26} {enc:8} {float(rps):9,.0f} req/s  p50 {p50:>7}  p99 {p99:>7}  non-2xx {non2xx}"
       + (f" sock-err {sockerr}" if sockerr != "0" else "")
       + f"  cpu/req {user + sys_:5.1f} µs ({user:4.1f} + {sys_:4.1f})  upstream {static:4.1f}, wrk {wrk:4.1f} µs"
-      + (f"  upstream requests {up}" if up != "-" else "") + f"  [busy before {busy}%{' NOISY' if noisy != '-' else ''}]")
+      + (f"  upstream requests {up}" if up != "-" else "") + f"  [busy before {busy}%{' NOISY (' + noisy + ')' if noisy != '-' else ''}]")
 with open(results, "a") as f:
-    f.write(f"{name}|{enc}|{rps}|{user + sys_}|{user}|{sys_}|{static}|{wrk}|{non2xx}|{sockerr}|{busy}|{up}|{noisy}\n")
+    f.write(f"{name}|{enc}|{rps}|{user + sys_}|{user}|{sys_}|{static}|{wrk}|{non2xx}|{sockerr}|{busy}|{up}|{noisy}|{rnd}\n")
 PY
 }
 
@@ -402,6 +406,7 @@ if has_part compare; then
     "flaggate shielded|${fg_ports[shield]}|$WORK/logs/upstream-shield.log|${fg_pids[shield]}")
   n=${#targets[@]}
   for r in $(seq 1 "$ROUNDS"); do
+    ROUND=$r
     echo "-- round $r"
     for enc in $ENCODINGS; do
       for i in $(seq 0 $((n - 1))); do
@@ -437,15 +442,18 @@ EOF
   read -r b0 a0 < <(cpu_ticks "${fg_pids[shield]}")
   out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$STORM" -s "$WORK/storm.lua" "http://127.0.0.1:${fg_ports[shield]}/api/client/features")
   read -r b1 a1 < <(cpu_ticks "${fg_pids[shield]}")
+  after=$(foreign)
+  [ -n "$after" ] && [ -z "$NOISY" ] && NOISY="during: $after"
+  NOISY=${NOISY:--}
   tail -n +$((l0 + 1)) "$log" > "$WORK/storm-upstream.log"
   storm_rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
   storm_reqs=$(echo "$out" | awk '/requests in/ {print $1}')
   storm_non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
   python3 - "$WORK/storm-upstream.log" "$storm_s" "$ttl_s" "$storm_rps" "$storm_reqs" "${storm_non2xx:-0}" \
-    "$(( (b1 + a1 - b0 - a0) ))" "$HZ" "$BUSY" "$WORK/results" "${storm_tokens[@]}" <<'PY'
+    "$(( (b1 + a1 - b0 - a0) ))" "$HZ" "$BUSY" "$WORK/results" "$NOISY" "${storm_tokens[@]}" <<'PY'
 import sys, math, re, collections
-log, storm_s, ttl_s, rps, reqs, non2xx, ticks, hz, busy, results = sys.argv[1:11]
-tokens = sys.argv[11:]
+log, storm_s, ttl_s, rps, reqs, non2xx, ticks, hz, busy, results, noisy = sys.argv[1:12]
+tokens = sys.argv[12:]
 storm_s, ttl_s, reqs = float(storm_s), float(ttl_s), int(reqs)
 bound = math.ceil(storm_s / ttl_s) + 1
 per_key, statuses = collections.Counter(), collections.Counter()
@@ -459,13 +467,14 @@ for line in open(log):
 keys = [(i + 1, s) for s in ("(none)", "5.2.0") for i in range(len(tokens))]
 worst = max((per_key[k] for k in keys), default=0)
 cpu = int(ticks) / int(hz) * 1e6 / max(reqs, 1)
-print(f"storm: {float(rps):,.0f} req/s, {reqs:,} requests, non-2xx {non2xx}, flaggate {cpu:.1f} µs/request  [busy before {busy}%]")
+print(f"storm: {float(rps):,.0f} req/s, {reqs:,} requests, non-2xx {non2xx}, flaggate {cpu:.1f} µs/request  [busy before {busy}%"
+      + (f" NOISY ({noisy})" if noisy != "-" else "") + "]")
 print(f"upstream requests per key (token, spec): " + ", ".join(f"{k[0]}/{k[1]}: {per_key[k]}" for k in keys))
 print(f"upstream statuses: {dict(statuses)}; other keys: {sum(v for k, v in per_key.items() if k not in keys)}")
 print(f"most upstream requests for one key: {worst}   (goal <= ceil({storm_s:g} / {ttl_s:g}) + 1 = {bound}: "
       f"{'met' if worst <= bound else 'NOT met'})")
 with open(results, "a") as f:
-    f.write(f"storm|mixed|{rps}|{cpu}|0|0|0|0|{non2xx}|0|{busy}|{worst}|{bound}\n")
+    f.write(f"storm|mixed|{rps}|{cpu}|0|0|0|0|{non2xx}|0|{busy}|{worst}|{noisy}|0\n")
 PY
 fi
 
@@ -486,6 +495,8 @@ EOF
   read -r b0 a0 < <(cpu_ticks "$fg_pid")
   out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" -s "$WORK/junk.lua" "http://127.0.0.1:$FG_PORT/api/client/features")
   read -r b1 a1 < <(cpu_ticks "$fg_pid")
+  after=$(foreign)
+  [ -n "$after" ] && [ -z "$NOISY" ] && NOISY="during: $after"
   up_after=$(upstream_count)
   rss_after=$(rss_kb "$fg_pid")
   junk_rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
@@ -493,7 +504,8 @@ EOF
   junk_cpu=$(python3 -c "print(f'{($b1 + $a1 - $b0 - $a0) / $HZ * 1e6 / max($junk_reqs, 1):.1f}')")
   printf '%-26s %10s req/s   upstream requests %s   RSS %s → %s kB   cpu/req %s µs  [busy before %s%%]\n' "flaggate junk flood" \
     "$junk_rps" "$((up_after - up_before))" "$rss_before" "$rss_after" "$junk_cpu" "$BUSY"
-  echo "flaggate-junk|identity|$junk_rps|$junk_cpu|0|0|0|0|0|0|$BUSY|$((up_after - up_before))|-" >> "$WORK/results"
+  [ -n "$NOISY" ] && echo "   NOISY ($NOISY)"
+  echo "flaggate-junk|identity|$junk_rps|$junk_cpu|0|0|0|0|0|0|$BUSY|$((up_after - up_before))|${NOISY:--}|0" >> "$WORK/results"
 fi
 
 if has_part tokens; then
@@ -502,6 +514,7 @@ if has_part tokens; then
   start_flaggate 1000000 "$FG" 1000000 $((FG_PORT + 20)) $((FG_ADMIN + 20)) $STATIC_PORT $PASS_ARGS
   echo "   RSS: 1k $(rss_kb "${fg_pids[pass]}") kB, 10k $(rss_kb "${fg_pids[10000]}") kB, 1M $(rss_kb "${fg_pids[1000000]}") kB"
   for r in $(seq 1 "$ROUNDS"); do
+    ROUND=$r
     run "flaggate (1000 tokens)" "${fg_ports[pass]}" identity - "${fg_pids[pass]}"
     for n in 10000 1000000; do
       run "flaggate ($n tokens)" "${fg_ports[$n]}" identity - "${fg_pids[$n]}"
@@ -512,6 +525,7 @@ fi
 if has_part ab; then
   echo "== A/B: base ($BASE_BIN) vs head ($FG), both pass-through, $AB_ROUNDS rounds, positions alternating"
   for r in $(seq 1 "$AB_ROUNDS"); do
+    ROUND=$r
     for enc in $AB_ENCODINGS; do
       if [ $((r % 2)) -eq 1 ]; then order="base head"; else order="head base"; fi
       for who in $order; do
@@ -571,22 +585,29 @@ PY2
 fi
 
 echo "== summary"
-python3 - "$WORK/results" "$(nproc)" "$ENCODINGS" "$AB_ENCODINGS" <<'PY'
-import sys, statistics
-rows = {}
+python3 - "$WORK/results" "$(nproc)" "$ENCODINGS" "$AB_ENCODINGS" "$(secs "$STORM")" "$(secs "$SHIELD_TTL")" <<'PY'
+import sys, statistics, math
+rows, noisy = {}, 0
 for line in open(sys.argv[1]):
-    name, enc, *vals = line.strip().split("|")
+    name, enc, *vals = line.rstrip("\n").split("|")
+    if vals[10] != "-":  # noisy rounds are printed above, and left out here
+        noisy += 1
+        continue
     rows.setdefault((name, enc), []).append(vals)
 cores = int(sys.argv[2])
 encodings, ab_encodings = sys.argv[3].split(), sys.argv[4].split()
-RPS, CPU, USER, SYS, UP, WRK, NON2XX, SOCK, BUSY, UPREQ = range(10)
+storm_bound = math.ceil(float(sys.argv[5]) / float(sys.argv[6])) + 1
+RPS, CPU, USER, SYS, UP, WRK, NON2XX, SOCK, BUSY, UPREQ, NOISY, ROUND = range(12)
 def col(name, enc, i):
     return [float(r[i]) for r in rows.get((name, enc), [])]
+def by_round(name, enc, i):
+    return {r[ROUND]: float(r[i]) for r in rows.get((name, enc), [])}
 def med(name, enc, i=RPS):
     v = col(name, enc, i)
     return statistics.median(v) if v else float("nan")
-def paired(a, b, enc, i=RPS):  # per-round ratios b/a, rounds run back to back
-    return [y / x for x, y in zip(col(a, enc, i), col(b, enc, i)) if x]
+def paired(a, b, enc, i=RPS):  # per-round ratios b/a, rounds run back to back (both quiet)
+    x, y = by_round(a, enc, i), by_round(b, enc, i)
+    return [y[k] / x[k] for k in sorted(x, key=int) if k in y and x[k]]
 def show(rs, goal=None, lower_is_better=False):
     if not rs:
         return "n/a"
@@ -618,7 +639,7 @@ for enc in encodings:
           f"{cores * 1e6 / (1.2 * med(NP, enc)) - rest:.1f} µs for the proxy")
 if ("storm", "mixed") in rows:
     r = rows[("storm", "mixed")][-1]
-    print(f"-- storm: most upstream requests for one key {r[UPREQ]} (bound {r[UPREQ + 1]}), {float(r[RPS]):,.0f} req/s")
+    print(f"-- storm: most upstream requests for one key {r[UPREQ]} (bound {storm_bound}), {float(r[RPS]):,.0f} req/s")
 if ("flaggate-junk", "identity") in rows and (FP, "identity") in rows:
     print(f"-- junk flood / pass-through valid = {med('flaggate-junk', 'identity') / med(FP, 'identity'):.2f}x (target >= 1.5x)")
 if ("flaggate (1000 tokens)", "identity") in rows:
@@ -638,8 +659,7 @@ for enc in ab_encodings:
     print(f"   head / base CPU per request = {show(cr)} (lower is better)")
     print(f"   non-2xx: base {[int(x) for x in col(A, enc, NON2XX)]}, head {[int(x) for x in col(B, enc, NON2XX)]}; "
           f"socket errors: base {[int(x) for x in col(A, enc, SOCK)]}, head {[int(x) for x in col(B, enc, SOCK)]}")
-noisy = sum(1 for v in rows.values() for r in v if r[-1] == "noisy")
-print(f"-- rounds run on a noisy machine (busy > threshold after waiting): {noisy}")
+print(f"-- noisy rounds left out of this summary (other work before or during them): {noisy}")
 PY
 exit 0
 }

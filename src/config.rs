@@ -43,22 +43,32 @@ pub enum LogFormat {
     Pretty,
 }
 
-/// A secret setting: its `Debug`/`Display` show only a fingerprint.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+/// A secret setting (the upstream token, an egress proxy's credentials): held in a `secrecy` box that
+/// zeroes it when dropped; its `Debug`/`Display` show only a fingerprint.
+#[derive(Clone)]
+pub struct Secret(secrecy::SecretString);
 
 impl Secret {
     pub fn new(s: String) -> Secret {
-        Secret(s)
+        Secret(secrecy::SecretString::from(s))
     }
     pub fn expose(&self) -> &str {
-        &self.0
+        secrecy::ExposeSecret::expose_secret(&self.0)
     }
 }
 
+/// Compared for reloads (a changed token needs a restart); in constant time is not needed here.
+impl PartialEq for Secret {
+    fn eq(&self, other: &Secret) -> bool {
+        self.expose() == other.expose()
+    }
+}
+
+impl Eq for Secret {}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "<redacted {}>", Digest::of(&self.0).fingerprint())
+        write!(f, "<redacted {}>", Digest::of(self.expose()).fingerprint())
     }
 }
 

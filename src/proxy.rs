@@ -437,7 +437,7 @@ async fn shield(
     let served = gw.shield.serve(key, parts, client_etag, gzip).await;
     let waited = |out: &mut Outcome, note: &crate::shield::Note| {
         out.cache = Some(*note);
-        if !matches!(note.result, "hit" | "hit_304") {
+        if note.asked {
             out.upstream_time = Some(asked.elapsed());
         }
     };

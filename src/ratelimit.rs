@@ -1,14 +1,11 @@
-//! Per-token rate limits (token buckets keyed by token digest), configurable per token kind and per
-//! named token. Off unless configured. Memory is bounded: buckets live in a capped cache and an idle
-//! bucket is forgotten (it would be full again anyway).
+//! Per-token rate limits (GCRA, keyed by token digest, from `governor`), configurable per token kind and
+//! per named token. Off unless configured. Memory stays bounded: only known tokens are ever checked
+//! (unknown ones are refused before), and a periodic sweep forgets the keys that are back to full.
 
 use crate::token::{Digest, TokenInfo, TokenKind};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-/// Buckets kept at most; beyond it the least recently used are dropped (they refill to full).
-pub const MAX_BUCKETS: u64 = 100_000;
+use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Rate {
@@ -57,69 +54,93 @@ impl RateLimits {
     }
 }
 
-struct Bucket {
-    tokens: f64,
-    last: Instant,
-    rate: Rate,
+/// One GCRA limiter per distinct rate, keyed by token digest (governor: one atomic per key, no lock).
+type Keyed = governor::RateLimiter<
+    Digest,
+    governor::state::keyed::DefaultKeyedStateStore<Digest>,
+    governor::clock::DefaultClock,
+>;
+
+/// A rate as a map key (the float's bits: rates come from the configuration, never from arithmetic).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct RateKey(u64, u64);
+
+impl From<Rate> for RateKey {
+    fn from(r: Rate) -> RateKey {
+        RateKey(r.per_second.to_bits(), r.burst.to_bits())
+    }
 }
 
+struct State {
+    limits: RateLimits,
+    limiters: HashMap<RateKey, Arc<Keyed>>,
+}
+
+/// Per-token limits. The limiters live across reloads: a reload that keeps a rate keeps its tokens'
+/// state (no bucket refills), one that changes a rate starts its tokens over under the new one.
 pub struct RateLimiter {
-    /// Swapped on reload; the buckets stay, so a reload does not refill every token's bucket (a bucket
-    /// whose rate changed starts over under the new one).
-    limits: arc_swap::ArcSwap<RateLimits>,
-    buckets: moka::sync::Cache<Digest, Arc<Mutex<Bucket>>>,
+    state: arc_swap::ArcSwap<State>,
+    /// Checks since the last sweep of keys whose state is back to full.
+    checks: std::sync::atomic::AtomicU64,
+}
+
+/// Checks between two sweeps of idle keys (each sweep drops the keys that are fully refilled).
+const SWEEP_EVERY: u64 = 1 << 16;
+
+fn quota(r: Rate) -> Option<governor::Quota> {
+    let burst = std::num::NonZeroU32::new(r.burst.round().clamp(1.0, f64::from(u32::MAX)) as u32)?;
+    let period = Duration::try_from_secs_f64(1.0 / r.per_second).ok()?;
+    Some(governor::Quota::with_period(period)?.allow_burst(burst))
+}
+
+fn build(limits: RateLimits, old: Option<&State>) -> State {
+    let rates = limits.per_kind.values().chain(limits.per_name.values()).copied();
+    let mut limiters = HashMap::new();
+    for r in rates {
+        let key = RateKey::from(r);
+        let kept = old.and_then(|o| o.limiters.get(&key)).cloned();
+        if let Some(l) = kept.or_else(|| quota(r).map(|q| Arc::new(Keyed::dashmap(q)))) {
+            limiters.insert(key, l);
+        }
+    }
+    State { limits, limiters }
 }
 
 impl RateLimiter {
     pub fn new(limits: RateLimits) -> RateLimiter {
         RateLimiter {
-            limits: arc_swap::ArcSwap::from_pointee(limits),
-            buckets: moka::sync::Cache::builder()
-                .max_capacity(MAX_BUCKETS)
-                .time_to_idle(Duration::from_secs(600))
-                .build(),
+            state: arc_swap::ArcSwap::from_pointee(build(limits, None)),
+            checks: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
-    /// New limits (config reload).
+    /// New limits (config reload): limiters for rates that stay are kept, with their tokens' state.
     pub fn set_limits(&self, limits: RateLimits) {
-        self.limits.store(Arc::new(limits));
+        let old = self.state.load();
+        self.state.store(Arc::new(build(limits, Some(&old))));
     }
 
     /// `Ok` to proceed, or `Err(retry_after)` — the wait until one request's worth has refilled.
     pub fn check(&self, digest: &Digest, info: &TokenInfo) -> Result<(), Duration> {
-        let limits = self.limits.load();
-        if limits.is_empty() {
+        let state = self.state.load();
+        if state.limits.is_empty() {
             return Ok(());
         }
-        let Some(rate) = limits.rate_for(info) else {
+        let Some(rate) = state.limits.rate_for(info) else {
             return Ok(());
         };
-        let bucket = self.buckets.get_with(*digest, || {
-            Arc::new(Mutex::new(Bucket {
-                tokens: rate.burst,
-                last: Instant::now(),
-                rate,
-            }))
-        });
-        let mut b = bucket.lock().unwrap_or_else(|e| e.into_inner());
-        if b.rate != rate {
-            // The limit changed on reload: start the token over under the new one.
-            *b = Bucket {
-                tokens: rate.burst,
-                last: Instant::now(),
-                rate,
-            };
+        let Some(limiter) = state.limiters.get(&RateKey::from(rate)) else {
+            return Ok(());
+        };
+        if self.checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % SWEEP_EVERY == SWEEP_EVERY - 1 {
+            for l in state.limiters.values() {
+                l.retain_recent();
+            }
         }
-        let now = Instant::now();
-        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * rate.per_second).min(rate.burst);
-        b.last = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - b.tokens) / rate.per_second))
-        }
+        use governor::clock::Clock;
+        limiter
+            .check_key(digest)
+            .map_err(|not_until| not_until.wait_time_from(governor::clock::DefaultClock::default().now()))
     }
 }
 
@@ -198,5 +219,26 @@ mod tests {
         }
         std::thread::sleep(Duration::from_millis(120));
         assert!(rl.check(&a, &fe).is_ok(), "refilled");
+    }
+
+    #[test]
+    fn a_reload_keeps_the_state_of_rates_that_stay_and_starts_changed_ones_over() {
+        let limits = |burst: f64| {
+            let mut l = RateLimits::default();
+            l.per_kind.insert(TokenKind::Client, Rate { per_second: 0.5, burst });
+            l
+        };
+        let rl = RateLimiter::new(limits(2.0));
+        let (d, client) = (Digest::of("a"), info(TokenKind::Client, None));
+        assert!(rl.check(&d, &client).is_ok());
+        assert!(rl.check(&d, &client).is_ok());
+        assert!(rl.check(&d, &client).is_err(), "burst spent");
+        rl.set_limits(limits(2.0));
+        assert!(
+            rl.check(&d, &client).is_err(),
+            "an unchanged reload must not refill the bucket"
+        );
+        rl.set_limits(limits(3.0));
+        assert!(rl.check(&d, &client).is_ok(), "a changed rate starts over");
     }
 }

@@ -118,6 +118,9 @@ pub struct Entry {
     retry_at_ms: AtomicU64,
     /// The last failure, answered from memory to a cold key during its backoff.
     last_failure: ArcSwapOption<Outcome>,
+    /// Unix ms of the last failure: a healthy answer from Unleash since then (to any caller) ends the
+    /// backoff, so a recovered Unleash is asked at once instead of after the backoff.
+    failed_ms: AtomicU64,
     /// Unleash's document for this key is larger than the entry limit: forwarded from now on.
     too_large: std::sync::atomic::AtomicBool,
 }
@@ -131,6 +134,7 @@ impl Entry {
             failures: AtomicU32::new(0),
             retry_at_ms: AtomicU64::new(0),
             last_failure: ArcSwapOption::empty(),
+            failed_ms: AtomicU64::new(0),
             too_large: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -151,6 +155,8 @@ pub struct Note {
     pub result: &'static str,
     /// Age of the document served (since Unleash last confirmed it).
     pub age: Option<Duration>,
+    /// This request waited on a request to Unleash (its own fill, or one it joined).
+    pub asked: bool,
 }
 
 /// The shield's answer to one request.
@@ -335,6 +341,7 @@ impl Core {
         let note = |result, e: &Entry| Note {
             result,
             age: Some(age(e)),
+            asked: false,
         };
         if let Some(d) = &doc {
             // Fresh: answered from memory, Unleash not asked.
@@ -348,15 +355,17 @@ impl Core {
                 return Served::Answer(resp, note(result, &entry));
             }
         }
-        // Backing off after failures: no attempt now; stale for a warm key, the last failure for a cold one.
-        if now < entry.retry_at_ms.load(Ordering::Acquire) {
+        // Backing off after failures — unless Unleash has answered anyone well since — no attempt now:
+        // stale for a warm key, the last failure for a cold one.
+        let recovered = self.upstream.last_healthy_ms() > entry.failed_ms.load(Ordering::Acquire);
+        if now < entry.retry_at_ms.load(Ordering::Acquire) && !recovered {
             if let Some(d) = &doc {
                 if age(&entry) <= live.max_stale {
                     return Served::Answer(d.respond(client_etag, gzip), note("stale", &entry));
                 }
             }
             if let Some(last) = entry.last_failure.load_full() {
-                return self.answer(&last, None, &entry, &live, client_etag, gzip, false);
+                return asked(self.answer(&last, None, &entry, &live, client_etag, gzip, false), false);
             }
         }
         let (rx, leader) = self.join_or_start(&key, &entry, fill, doc.is_some(), &live);
@@ -366,7 +375,7 @@ impl Core {
             live.upstream_timeout + Duration::from_secs(1)
         };
         let outcome = wait_for(rx, wait).await;
-        match outcome {
+        let served = match outcome {
             Some(o) => self.answer(&o, doc.as_ref(), &entry, &live, client_etag, gzip, leader),
             // The revalidation is slow: the document in hand, if not too old; the fill goes on regardless.
             None => match &doc {
@@ -378,10 +387,12 @@ impl Core {
                     Note {
                         result: "error",
                         age: None,
+                        asked: true,
                     },
                 ),
             },
-        }
+        };
+        asked(served, true)
     }
 
     /// A request's answer from an outcome (`had`: the document it had before, if any).
@@ -403,6 +414,7 @@ impl Core {
                 Note {
                     result: "stale",
                     age: Some(age),
+                    asked: false,
                 },
             )
         };
@@ -425,13 +437,21 @@ impl Core {
                     (false, _, true) => "miss",
                     (false, _, false) => "coalesced",
                 };
-                Served::Answer(doc.respond(client_etag, gzip), Note { result, age: Some(age) })
+                Served::Answer(
+                    doc.respond(client_etag, gzip),
+                    Note {
+                        result,
+                        age: Some(age),
+                        asked: false,
+                    },
+                )
             }
             Outcome::Passed(p) => Served::Answer(
                 p.respond(),
                 Note {
                     result: "passed",
                     age: None,
+                    asked: false,
                 },
             ),
             Outcome::Failed(e) => Served::Failed(
@@ -439,6 +459,7 @@ impl Core {
                 Note {
                     result: "error",
                     age: None,
+                    asked: false,
                 },
             ),
             Outcome::TooLarge => Served::Forward(Bypass::TooLarge),
@@ -656,6 +677,7 @@ impl Core {
             .min(BACKOFF_MAX)
             .mul_f64(0.9 + fastrand::f64() * 0.2);
         entry.retry_at_ms.store(self.now_ms() + ms(backoff), Ordering::Release);
+        entry.failed_ms.store(self.now_ms(), Ordering::Release);
         let outcome = Arc::new(outcome);
         entry.last_failure.store(Some(outcome.clone()));
         outcome
@@ -682,6 +704,14 @@ fn fill_request(prepared: &Parts, etag: Option<&HeaderValue>) -> Request<Body> {
         }
     }
     req
+}
+
+/// Marks whether the answer came after asking Unleash.
+fn asked(mut served: Served, yes: bool) -> Served {
+    if let Served::Answer(_, note) | Served::Failed(_, note) = &mut served {
+        note.asked = yes;
+    }
+    served
 }
 
 /// The outcome, once the fill has one, or `None` after `wait`.

@@ -42,6 +42,9 @@ pub struct Upstream {
     /// `Proxy-Authorization` for a forwarding egress proxy (a tunnel sends it with its CONNECT).
     proxy_auth: Option<HeaderValue>,
     metrics: UpstreamMetrics,
+    /// Unix ms of the last healthy answer from Unleash (any status but 5xx and 429), from any caller:
+    /// how the shield learns that an outage is over without waiting out every key's backoff.
+    healthy_ms: std::sync::atomic::AtomicU64,
 }
 
 /// What the upstream room needs from the configuration.
@@ -110,6 +113,7 @@ impl Upstream {
             host: s.url.host_header(),
             proxy_auth,
             metrics,
+            healthy_ms: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -189,7 +193,7 @@ impl Upstream {
         // Answered or timed out: nothing is left to finish in the background.
         inflight.fut = None;
         let result = match result {
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => Ok(self.answered(resp)),
             Ok(Err(e)) => Err(UpstreamError::classify(e)),
             Err(_) => Err(UpstreamError::Timeout(timeout)),
         };
@@ -213,7 +217,7 @@ impl Upstream {
         req.headers_mut().insert(http::header::HOST, self.host.clone());
         self.add_proxy_auth(req.headers_mut());
         match tokio::time::timeout(timeout, self.client.request(req)).await {
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => Ok(self.answered(resp)),
             Ok(Err(e)) => Err(UpstreamError::classify(e)),
             Err(_) => Err(UpstreamError::Timeout(timeout)),
         }
@@ -221,6 +225,22 @@ impl Upstream {
 }
 
 impl Upstream {
+    /// Unix ms of Unleash's last healthy answer (0: none yet).
+    pub fn last_healthy_ms(&self) -> u64 {
+        self.healthy_ms.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn answered(&self, resp: Response<Incoming>) -> Response<Incoming> {
+        let s = resp.status();
+        if !s.is_server_error() && s != http::StatusCode::TOO_MANY_REQUESTS {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            self.healthy_ms.fetch_max(now, std::sync::atomic::Ordering::AcqRel);
+        }
+        resp
+    }
+
     fn add_proxy_auth(&self, headers: &mut HeaderMap) {
         if let Some(auth) = &self.proxy_auth {
             headers.insert(http::header::PROXY_AUTHORIZATION, auth.clone());

@@ -7,8 +7,8 @@ use super::{Digest, TokenInfo, TokenKind, TokenSource};
 use crate::upstream::{Upstream, UpstreamError};
 use http::header::{ACCEPT, AUTHORIZATION};
 use http::{HeaderMap, HeaderValue, StatusCode};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Clone, Copy, Debug)]
 pub struct PatLimits {
@@ -39,14 +39,14 @@ pub struct PatValidator {
     upstream: Arc<Upstream>,
     positive: moka::future::Cache<Digest, Arc<TokenInfo>>,
     negative: moka::sync::Cache<Digest, ()>,
-    bucket: Mutex<(f64, Instant)>,
-    rate: f64,
+    /// The check budget: `pat_rate_limit` a second, all PATs together.
+    budget: governor::DefaultDirectRateLimiter,
     metrics: TokenMetrics,
 }
 
 impl PatValidator {
     pub fn new(upstream: Arc<Upstream>, limits: PatLimits, metrics: TokenMetrics) -> PatValidator {
-        let rate = f64::from(limits.rate_per_sec.max(1));
+        let rate = std::num::NonZeroU32::new(limits.rate_per_sec.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
         PatValidator {
             upstream,
             positive: moka::future::Cache::builder()
@@ -57,8 +57,7 @@ impl PatValidator {
                 .max_capacity(limits.negative_capacity)
                 .time_to_live(limits.negative_ttl)
                 .build(),
-            bucket: Mutex::new((rate, Instant::now())),
-            rate,
+            budget: governor::RateLimiter::direct(governor::Quota::per_second(rate)),
             metrics,
         }
     }
@@ -90,16 +89,7 @@ impl PatValidator {
     }
 
     fn take_budget(&self) -> bool {
-        let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        b.0 = (b.0 + now.duration_since(b.1).as_secs_f64() * self.rate).min(self.rate);
-        b.1 = now;
-        if b.0 >= 1.0 {
-            b.0 -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.budget.check().is_ok()
     }
 
     fn count(&self, result: &str) {

@@ -736,3 +736,47 @@ async fn with_persistence_a_gateway_restarted_during_an_outage_still_serves_its_
     .await;
     assert!(gone.is_some(), "a refused token's document stayed on disk");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_unleash_answers_again_a_key_in_backoff_asks_at_once() {
+    let u = features(None).await;
+    let gw = gateway()
+        .upstream(u.url())
+        .token(A, "client")
+        .token(B, "client")
+        .settings(|s| s.shield_ttl = Some("1s".into()))
+        .start()
+        .await;
+    assert_eq!(features_poll(&gw, A).await.status, 200);
+    u.state.failure.store(503, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // Three failures: the key now backs off for about 4 s.
+    let outage = Instant::now();
+    while u
+        .polls()
+        .iter()
+        .filter(|r| r.header("authorization") == Some(A))
+        .count()
+        < 4
+    {
+        assert_eq!(features_poll(&gw, A).await.status, 200, "stale during the outage");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            outage.elapsed() < patience(Duration::from_secs(10)),
+            "no backoff growth"
+        );
+    }
+    // Unleash is back, and answers another key: A's backoff ends with it.
+    u.state.failure.store(0, Ordering::SeqCst);
+    u.bump();
+    assert_eq!(features_poll(&gw, B).await.status, 200);
+    let recovered = Instant::now();
+    let fresh = features_poll(&gw, A).await;
+    assert_eq!(
+        fresh.headers["etag"],
+        etag(A, None, None, 1).as_str(),
+        "still stale {:?} after Unleash answered again",
+        recovered.elapsed()
+    );
+    assert!(results(&gw, "refreshed").await >= 1.0);
+}

@@ -8,7 +8,7 @@ command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 # cargo-fuzz passes -Z flags (sanitizer instrumentation); this machine has only the stable toolchain.
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build -O
-for target in canonical_path token_parse header_hygiene; do
+for target in canonical_path token_parse header_hygiene shield_classify; do
   work=$(mktemp -d)
   echo "== fuzz $target for ${secs}s"
   cargo fuzz run -O "$target" "$work" "fuzz/corpus/$target" -- -max_total_time="$secs" -rss_limit_mb=2048 -print_final_stats=1 2>&1 | tail -n 12

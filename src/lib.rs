@@ -39,6 +39,7 @@ pub mod internals {
     pub use crate::proxy::record::request_id;
     pub use crate::proxy::server::serve_simple;
     pub use crate::ratelimit::{Rate, RateLimiter, RateLimits};
+    pub use crate::shield::{classify, Bypass, Class, Key};
     pub use crate::token::extract::{extract, token_from_value};
     pub use crate::token::file::load_token_file;
     pub use crate::token::snapshot::FILE_NAME as SNAPSHOT_FILE_NAME;

@@ -34,34 +34,30 @@ impl UpstreamMetrics {
         for s in Scope::ALL {
             refusals.with_label_values(&[s.as_str()]);
         }
-        let gauge = |name: &str, help: &str| must(IntGauge::new(name, help));
-        let s = slots.clone();
-        register_sampled(
-            registry,
-            gauge(
+        type Pick = fn(&super::slots::Usage) -> usize;
+        let usage: [(&str, &str, Pick); 3] = [
+            (
                 "flaggate_upstream_inflight",
                 "Requests holding one of the upstream slots now (forwarded, response not yet finished)",
+                |u| u.taken,
             ),
-            move |g| g.set(s.usage().taken as i64),
-        );
-        let s = slots.clone();
-        register_sampled(
-            registry,
-            gauge(
+            (
                 "flaggate_upstream_queued",
                 "Requests waiting for an upstream slot now (they get 503 if none frees up in time)",
+                |u| u.queued,
             ),
-            move |g| g.set(s.usage().queued as i64),
-        );
-        let s = slots.clone();
-        register_sampled(
-            registry,
-            gauge(
+            (
                 "flaggate_upstream_max_inflight",
                 "The upstream slots (upstream_max_inflight); beyond them requests queue, then get 503",
+                |u| u.max,
             ),
-            move |g| g.set(s.usage().max as i64),
-        );
+        ];
+        for (name, help, pick) in usage {
+            let s = slots.clone();
+            register_sampled(registry, must(IntGauge::new(name, help)), move |g| {
+                g.set(pick(&s.usage()) as i64)
+            });
+        }
         register_sampled(
             registry,
             must(IntGaugeVec::new(

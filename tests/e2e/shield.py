@@ -48,7 +48,7 @@ G, GA, U, T = state["gateway"], state["gateway_admin"], state["unleash"], state[
 CFG = state["shield"]
 TTL, POLL = float(CFG["ttl_s"]), float(CFG["poll_s"])
 FRESH_BOUND = TTL + POLL + 2  # the freshness bound asked of the shield: TTL + SDK poll interval + 2 s
-BACKOFF_MAX = 60 * 1.1  # src/shield.rs: a failing key backs off up to 60 s, ±10 %
+SYNC_BACKOFF_MAX = 30  # src/token/unleash.rs: a failing token sync backs off up to max(interval, 30 s), jittered down
 WORK = state["work"]
 SHIELD_STATE = os.path.join(WORK, "shield.json")
 NGINX_ACCESS_LOG = os.path.join(WORK, "nginx-access.log")
@@ -586,12 +586,13 @@ def step_review():
 def step_recovery():
     s = load()
     back = s["marks"]["recovered"]
-    # 1. A change made the moment Unleash is back. A key that failed through the outage is in its backoff
-    #    (up to 60 s ±10 %, src/shield.rs) and keeps serving stale until it ends, so the bound here adds
-    #    the longest backoff; the delay is printed.
+    # 1. A change made the moment Unleash is back. Keys that failed through the outage are backing off
+    #    (up to 60 s), but the first healthy answer Unleash gives anyone ends every key's backoff
+    #    (src/shield.rs): here the token sync's next attempt, itself backing off up to 30 s (+jitter) after
+    #    a long outage, or any key's. So the bound adds the sync's longest backoff; the delay is printed.
     t = toggle(False)
-    seen = wait_seen(False, t, BACKOFF_MAX + FRESH_BOUND + 10)
-    report_seen(f"recovery: {FLAG} turned off the moment Unleash was back (+{(t - back) / 1000:.1f}s)", seen, BACKOFF_MAX + FRESH_BOUND)
+    seen = wait_seen(False, t, SYNC_BACKOFF_MAX + FRESH_BOUND + 10)
+    report_seen(f"recovery: {FLAG} turned off the moment Unleash was back (+{(t - back) / 1000:.1f}s)", seen, SYNC_BACKOFF_MAX + FRESH_BOUND)
     ng = nginx_features(back, now_ms())
     first = {app: min((x["t"] for x in ng if x["app"] == app), default=None) for app in sorted(APPS)}
     c.info(

@@ -432,3 +432,54 @@ fn the_example_config_names_every_setting_and_passes_check_config() {
         assert!(out.status.success(), "{cfg}: {}", String::from_utf8_lossy(&out.stderr));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pretty_logs_have_no_colour_codes_off_a_terminal_and_the_listen_backlog_is_what_was_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = write(&dir, "tokens.yaml", "tokens: []\n");
+    // stderr is a pipe here, as it is for files, journald and log shippers.
+    let mut cmd = flaggate();
+    cmd.args(["run", "--token-file", &tokens, "--listen-backlog", "77"]);
+    let gw = spawn_command(&mut cmd);
+    // The spawn helper asks for JSON; a second process shows the pretty format.
+    let mut pretty = flaggate();
+    pretty.args([
+        "run",
+        "--token-file",
+        &tokens,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--log-format",
+        "pretty",
+    ]);
+    pretty.stderr(Stdio::piped()).stdout(Stdio::null());
+    let mut child = pretty.spawn().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + patience(Duration::from_secs(10));
+    while !String::from_utf8_lossy(&seen).contains("flaggate started") && std::time::Instant::now() < deadline {
+        let mut buf = [0u8; 4096];
+        use std::io::Read;
+        match stderr.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = String::from_utf8_lossy(&seen);
+    assert!(text.contains("flaggate started"), "{text}");
+    assert!(!text.contains('\u{1b}'), "colour codes in a piped log: {text:?}");
+
+    // The proxy listener's accept queue: the Send-Q of a listening socket, as `ss` (iproute2, installed
+    // by .ci/run) shows it.
+    let ss = Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{}", gw.proxy.port())])
+        .output()
+        .expect("ss (iproute2) is needed for this test");
+    let line = String::from_utf8_lossy(&ss.stdout).into_owned();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(fields.get(2).copied(), Some("77"), "ss: {line}");
+}

@@ -7,6 +7,11 @@
 #   PARTS="compare storm" benches/load/run.sh             # only some parts
 #   FLAGGATE_BIN=/path/flaggate BASE_BIN=/other/flaggate PARTS=ab benches/load/run.sh   # A/B two builds
 #
+# Two builds for an A/B, each in its own worktree and target directory (release builds are slow here):
+#   git worktree add /work/bench-base <commit>
+#   (cd /work/bench-base && CARGO_TARGET_DIR=/work/bench-target-base cargo build --release --locked)
+#   BASE_BIN=/work/bench-target-base/release/flaggate FLAGGATE_BIN=… PARTS=ab benches/load/run.sh
+#
 # Targets, all on 127.0.0.1, all in front of the same static upstream (GET /api/client/features, 28.9 kB
 # JSON, 85 flags; a precompressed 0.9 kB gzip copy for clients that accept it):
 #   static nginx (direct)     wrk straight at the upstream: nginx serving the file (strong ETag, 304s)
@@ -30,9 +35,12 @@
 #   tokens   flaggate (pass-through) with 1,000, 10,000 and 1,000,000 tokens side by side, alternating.
 #   profile  (not in the default) per-request counts from `perf stat` (malloc calls through a uprobe on
 #            glibc's malloc, syscalls, futex calls, context switches) and a flat `perf record` profile, for
-#            flaggate pass-through, shielded (identity and gzip) and BASE_BIN when set.
+#            flaggate pass-through, shielded (identity and gzip) and BASE_BIN when set. Needs `perf`
+#            (Debian: linux-perf) and root (the uprobe).
 #   ab       AB_ROUNDS (8) rounds of BASE_BIN vs FLAGGATE_BIN, both pass-through (--shield off where the
-#            binary knows it), in the same positions alternately (ABBA), AB_ENCODINGS (identity).
+#            binary knows it), positions swapped every round (ABBA), AB_ENCODINGS (identity), both
+#            restarted before every round (AB_FRESH=1; 0 keeps the first two instances). Prints how each
+#            instance's upstream connections are spread over the static upstream's two workers.
 #            Prints the per-round and median ratios of req/s and of CPU µs per request, and non-2xx counts.
 #
 # Knobs: ROUNDS=3 DURATION=8s CONNECTIONS=64 THREADS=2 ENCODINGS="identity gzip" SHIELD_TTL=5s STORM=60s
@@ -43,8 +51,8 @@
 #   directory: logs, configs, results).
 #
 # Before every measured round the script waits for a quiet machine (no build, no end-to-end suite, CPUs
-# idle) and records how busy it was. Installs wrk and nginx (Debian) if
-# missing. Everything is stopped on exit.
+# idle) and records how busy it was. Installs wrk and nginx (Debian) if missing. Everything is stopped
+# on exit.
 set -euo pipefail
 { # the whole script is one block, read before it runs: editing this file during a run cannot derail it
 cd "$(dirname "$0")/../.."
@@ -108,7 +116,10 @@ pass_args() { if "$1" run --help 2>/dev/null | grep -q -- '--shield '; then echo
 secs() { python3 -c "import sys,re; m=re.fullmatch(r'(\d+(?:\.\d+)?)(ms|s|m)?', sys.argv[1]); v=float(m[1]); print(v/1000 if m[2]=='ms' else v*60 if m[2]=='m' else v)" "$1"; }
 
 # --- nginx: three instances (static upstream, token-map proxy, token-map + cache), each with its own
-# master + workers so that each one's CPU can be measured apart.
+# master + workers so that each one's CPU can be measured apart. Every listener has `reuseport`: the
+# kernel spreads connections over the workers by hash. Without it, whichever worker wakes first accepts a
+# burst of them, and a proxy's 64 keep-alive connections could stay split 16/49 between the upstream's
+# two workers for the whole run (seen; see BENCHMARKS.md).
 mkdir -p "$WORK/www/api/client" "$WORK/logs" "$WORK/cache"
 cp benches/load/features.json "$WORK/www/api/client/features"
 gzip -9 -c benches/load/features.json > "$WORK/www/api/client/features.gz"
@@ -146,9 +157,9 @@ error_log $WORK/logs/static-error.log warn;
 events { worker_connections 4096; }
 http {
 $(common_http)
-  server { listen 127.0.0.1:$STATIC_PORT; $static_location }
-  server { listen 127.0.0.1:$STATIC_SHIELD_PORT; access_log $WORK/logs/upstream-shield.log counted; $static_location }
-  server { listen 127.0.0.1:$STATIC_CACHE_PORT; access_log $WORK/logs/upstream-cache.log counted; $static_location }
+  server { listen 127.0.0.1:$STATIC_PORT reuseport; $static_location }
+  server { listen 127.0.0.1:$STATIC_SHIELD_PORT reuseport; access_log $WORK/logs/upstream-shield.log counted; $static_location }
+  server { listen 127.0.0.1:$STATIC_CACHE_PORT reuseport; access_log $WORK/logs/upstream-cache.log counted; $static_location }
 }
 EOF
 touch "$WORK/logs/upstream-shield.log" "$WORK/logs/upstream-cache.log" "$WORK/results"
@@ -164,7 +175,7 @@ $(common_http)
 $(token_map)
   upstream static { server 127.0.0.1:$STATIC_PORT; keepalive 128; }
   server {
-    listen 127.0.0.1:$NGINX_PORT;
+    listen 127.0.0.1:$NGINX_PORT reuseport;
     location /api/client/ {
       if (\$token_ok = 0) { return 401; }
       proxy_pass http://static;
@@ -190,7 +201,7 @@ $(token_map)
   upstream static { server 127.0.0.1:$STATIC_CACHE_PORT; keepalive 128; }
   proxy_cache_path $WORK/cache levels=1:2 keys_zone=features:10m max_size=256m inactive=10m use_temp_path=off;
   server {
-    listen 127.0.0.1:$CACHE_PORT;
+    listen 127.0.0.1:$CACHE_PORT reuseport;
     location /api/client/ {
       if (\$token_ok = 0) { return 401; }
       proxy_pass http://static;
@@ -368,8 +379,8 @@ start_flaggate pass "$FG" 1000 $FG_PORT $FG_ADMIN $STATIC_PORT $PASS_ARGS
 if has_part compare || has_part storm || has_part profile; then
   start_flaggate shield "$FG" 1000 $((FG_PORT + 100)) $((FG_ADMIN + 100)) $STATIC_SHIELD_PORT --shield on --shield-ttl "$SHIELD_TTL"
 fi
-if has_part ab || { has_part profile && [ -n "$BASE_BIN" ]; }; then
-  [ -n "$BASE_BIN" ] || { echo "PARTS has ab but BASE_BIN is not set"; exit 1; }
+if has_part ab && [ -z "$BASE_BIN" ]; then echo "PARTS has ab but BASE_BIN is not set"; exit 1; fi
+if has_part profile && [ -n "$BASE_BIN" ]; then
   start_flaggate base "$BASE_BIN" 1000 $((FG_PORT + 200)) $((FG_ADMIN + 200)) $STATIC_PORT $(pass_args "$BASE_BIN")
 fi
 
@@ -522,18 +533,45 @@ if has_part tokens; then
   done
 fi
 
+# How a client process's connections to the static upstream are spread over its workers ("a/b").
+upstream_split() {
+  local pid=$1
+  python3 - "$pid" "$STATIC_PORT" <<'PY'
+import re, subprocess, sys, collections
+pid, port = sys.argv[1], sys.argv[2]
+ss = lambda f: subprocess.run(["ss", "-tnpH", "state", "established", f], capture_output=True, text=True).stdout
+mine = {l.split()[2].rsplit(":", 1)[1] for l in ss(f"( dport = :{port} )").splitlines() if f"pid={pid}," in l}
+split = collections.Counter(re.search(r"pid=(\d+)", l).group(1) for l in ss(f"( sport = :{port} )").splitlines()
+                            if l.split()[3].rsplit(":", 1)[1] in mine)
+print("/".join(str(v) for _, v in sorted(split.items())) or "none")
+PY
+}
+
 if has_part ab; then
-  echo "== A/B: base ($BASE_BIN) vs head ($FG), both pass-through, $AB_ROUNDS rounds, positions alternating"
+  # Fresh instances of both builds for every round (AB_FRESH=1): a long-lived instance keeps its upstream
+  # connections, and with them its luck in how they are spread over the upstream's workers, for the whole
+  # run; restarted, that luck is drawn again every round and averages out.
+  ab_start() { # ab_start base|head: (re)start that build's instance
+    local who=$1 bin port
+    if [ "$who" = base ]; then bin=$BASE_BIN port=$((FG_PORT + 300)); else bin=$FG port=$((FG_PORT + 400)); fi
+    if [ -n "${fg_pids[ab-$who]:-}" ]; then
+      kill "${fg_pids[ab-$who]}" 2>/dev/null || true
+      wait "${fg_pids[ab-$who]}" 2>/dev/null || true
+    fi
+    start_flaggate "ab-$who" "$bin" 1000 "$port" $((port + 1)) $STATIC_PORT $(pass_args "$bin")
+  }
+  echo "== A/B: base ($BASE_BIN) vs head ($FG), both pass-through, $AB_ROUNDS rounds, positions alternating," \
+    "$([ "${AB_FRESH:-1}" = 1 ] && echo "fresh instances every round" || echo "the same instances throughout")"
+  ab_start base
+  ab_start head
   for r in $(seq 1 "$AB_ROUNDS"); do
     ROUND=$r
+    if [ "$r" -gt 1 ] && [ "${AB_FRESH:-1}" = 1 ]; then ab_start base; ab_start head; fi
     for enc in $AB_ENCODINGS; do
       if [ $((r % 2)) -eq 1 ]; then order="base head"; else order="head base"; fi
       for who in $order; do
-        if [ "$who" = base ]; then
-          run "A/B base" "${fg_ports[base]}" "$enc" - "${fg_pids[base]}"
-        else
-          run "A/B head" "${fg_ports[pass]}" "$enc" - "${fg_pids[pass]}"
-        fi
+        run "A/B $who" "${fg_ports[ab-$who]}" "$enc" - "${fg_pids[ab-$who]}"
+        echo "   ($who: upstream connections over the static workers $(upstream_split "${fg_pids[ab-$who]}"))"
       done
     done
   done

@@ -252,10 +252,21 @@ async fn run_phases(
 
     let grant = authorize(gw, &head, &parts, credential.as_ref())?;
     out.public = matches!(grant, Grant::Public);
-    prepare(gw, &mut parts, &head, &grant, uri.query(), ctx, request_id)?;
-    if let Some(resp) = shield(gw, &parts, &head, &grant, credential.as_ref(), uri.query(), out).await? {
+    let cached = shield(
+        gw,
+        &parts,
+        &head,
+        &grant,
+        credential.as_ref(),
+        uri.query(),
+        ctx,
+        &request_id,
+        out,
+    );
+    if let Some(resp) = cached.await? {
         return Ok(resp);
     }
+    prepare(gw, &mut parts, &head, &grant, uri.query(), ctx, request_id)?;
     let (limits, timeout) = (live.body, live.upstream_timeout);
     drop(live);
     forward(gw, parts, body, &grant, limits, timeout, ctx, out).await
@@ -381,26 +392,41 @@ fn prepare(
     ctx: &ConnCtx,
     request_id: HeaderValue,
 ) -> Result<(), Rejection> {
-    headers::strip_hop_by_hop(&mut parts.headers);
-    headers::strip_gateway_set(&mut parts.headers);
-    headers::strip_consumed(&mut parts.headers);
-    if matches!(grant, Grant::Preflight) {
-        headers::strip_for_preflight(&mut parts.headers);
-    }
-    parts.headers.insert(HOST, gw.upstream.host().clone());
-    let forwarded_for = head.forwarded_for.clone().unwrap_or_else(|| ctx.forwarded_for.clone());
-    headers::set_forwarded(&mut parts.headers, forwarded_for, ctx.proto, head.host.clone());
-    parts.headers.insert(headers::X_REQUEST_ID, request_id);
-    parts.uri = gw
-        .upstream
-        .uri(head.path.as_str(), query)
-        .map_err(|e| Rejection::Internal(format!("forward URI: {e}")))?;
+    parts.uri = prepare_head(gw, &mut parts.headers, head, grant, query, ctx, request_id)?;
     parts.version = Version::HTTP_11;
     Ok(())
 }
 
-/// Phase 4½, shield. Contract: answers an SDK feature poll (authorized, rate-limited, prepared) from
-/// the shield's cache when it is cacheable and the shield has an answer; `None` to forward as usual.
+/// Phase 4 on a request's headers; returns the upstream target (also for the shield's fills).
+fn prepare_head(
+    gw: &Gateway,
+    h: &mut http::HeaderMap,
+    head: &Head<'_>,
+    grant: &Grant,
+    query: Option<&str>,
+    ctx: &ConnCtx,
+    request_id: HeaderValue,
+) -> Result<Uri, Rejection> {
+    headers::strip_hop_by_hop(h);
+    headers::strip_gateway_set(h);
+    headers::strip_consumed(h);
+    if matches!(grant, Grant::Preflight) {
+        headers::strip_for_preflight(h);
+    }
+    h.insert(HOST, gw.upstream.host().clone());
+    let forwarded_for = head.forwarded_for.clone().unwrap_or_else(|| ctx.forwarded_for.clone());
+    headers::set_forwarded(h, forwarded_for, ctx.proto, head.host.clone());
+    h.insert(headers::X_REQUEST_ID, request_id);
+    gw.upstream
+        .uri(head.path.as_str(), query)
+        .map_err(|e| Rejection::Internal(format!("forward URI: {e}")))
+}
+
+/// Phase 3½, shield. Contract: answers an SDK feature poll (authorized, rate-limited) from the shield's
+/// cache when it is cacheable and the shield has an answer; `None` to prepare and forward as usual. A
+/// fill or revalidation sends the request as phase 4 would prepare it — made only when one starts, so
+/// a hit pays nothing for it.
+#[allow(clippy::too_many_arguments)]
 async fn shield(
     gw: &Gateway,
     parts: &Parts,
@@ -408,6 +434,8 @@ async fn shield(
     grant: &Grant,
     credential: Option<&Credential>,
     query: Option<&str>,
+    ctx: &ConnCtx,
+    request_id: &HeaderValue,
     out: &mut Outcome,
 ) -> Result<Option<Response<ProxyBody>>, Rejection> {
     let (Grant::Token(digest), Some(info)) = (grant, credential.and_then(|c| c.info.as_ref())) else {
@@ -434,7 +462,15 @@ async fn shield(
     let client_etag = parts.headers.get(http::header::IF_NONE_MATCH);
     let gzip = crate::shield::accepts_gzip(&parts.headers);
     let asked = Instant::now();
-    let served = gw.shield.serve(key, parts, client_etag, gzip).await;
+    let fill = || {
+        let mut h = parts.headers.clone();
+        let uri = prepare_head(gw, &mut h, head, grant, query, ctx, request_id.clone()).ok()?;
+        let mut req = Request::new(crate::upstream::Body::Empty);
+        *req.uri_mut() = uri;
+        *req.headers_mut() = h;
+        Some(req)
+    };
+    let served = gw.shield.serve(key, &fill, client_etag, gzip).await;
     let waited = |out: &mut Outcome, note: &crate::shield::Note| {
         out.cache = Some(*note);
         if note.asked {

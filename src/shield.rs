@@ -32,7 +32,6 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use doc::{Bodies, Doc, NotStored};
 use http::header::{self, HeaderMap, HeaderValue};
-use http::request::Parts;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use metrics::ShieldMetrics;
@@ -285,9 +284,9 @@ impl Shield {
     }
 
     /// Answers a cacheable request (authenticated, authorized, rate-limited: see the proxy), or says
-    /// to forward it. `fill` is the request as it would be forwarded (prepared by the proxy): a fill or
-    /// revalidation sends exactly that, made conditional and identity-encoded.
-    pub async fn serve(&self, key: Key, fill: &Parts, client_etag: Option<&HeaderValue>, gzip: bool) -> Served {
+    /// to forward it. `fill` makes the request as it would be forwarded (prepared by the proxy), when a
+    /// fill or revalidation starts: it sends exactly that, made conditional and identity-encoded.
+    pub async fn serve(&self, key: Key, fill: &Fill<'_>, client_etag: Option<&HeaderValue>, gzip: bool) -> Served {
         let served = self.core.clone().serve(key, fill, client_etag, gzip).await;
         let m = &self.core.metrics;
         match &served {
@@ -322,7 +321,13 @@ impl Core {
         unix_ms()
     }
 
-    async fn serve(self: Arc<Self>, key: Key, fill: &Parts, client_etag: Option<&HeaderValue>, gzip: bool) -> Served {
+    async fn serve(
+        self: Arc<Self>,
+        key: Key,
+        fill: &Fill<'_>,
+        client_etag: Option<&HeaderValue>,
+        gzip: bool,
+    ) -> Served {
         let live = self.live.load_full();
         if !live.enabled {
             return Served::Forward(Bypass::Disabled);
@@ -368,7 +373,10 @@ impl Core {
                 return asked(self.answer(&last, None, &entry, &live, client_etag, gzip, false), false);
             }
         }
-        let (rx, leader) = self.join_or_start(&key, &entry, fill, doc.is_some(), &live);
+        let Some((rx, leader)) = self.join_or_start(&key, &entry, fill, doc.is_some(), &live) else {
+            // The request could not be prepared for Unleash: forwarding will say why.
+            return Served::Forward(Bypass::Disabled);
+        };
         let wait = if doc.is_some() {
             live.revalidate_wait
         } else {
@@ -497,20 +505,20 @@ impl Core {
         self: &Arc<Self>,
         key: &Key,
         entry: &Arc<Entry>,
-        fill: &Parts,
+        fill: &Fill<'_>,
         warm: bool,
         live: &Live,
-    ) -> (watch::Receiver<Option<Arc<Outcome>>>, bool) {
+    ) -> Option<(watch::Receiver<Option<Arc<Outcome>>>, bool)> {
         let mut slot = entry.fill.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(rx) = slot.as_ref() {
-            return (rx.clone(), false);
+            return Some((rx.clone(), false));
         }
+        let request = fill_request(fill()?, entry.doc.load().as_deref().map(|d| &d.etag));
         let (tx, rx) = watch::channel(None);
         *slot = Some(rx.clone());
         drop(slot);
         let core = self.clone();
         let (key, entry) = (key.clone(), entry.clone());
-        let request = fill_request(fill, entry.doc.load().as_deref().map(|d| &d.etag));
         let timeout = live.upstream_timeout;
         // Spawned: a client that leaves does not cancel the fill others wait for.
         tokio::spawn(async move {
@@ -518,7 +526,7 @@ impl Core {
             *entry.fill.lock().unwrap_or_else(|e| e.into_inner()) = None;
             let _ = tx.send(Some(outcome));
         });
-        (rx, true)
+        Some((rx, true))
     }
 
     /// One request to Unleash for `key`, and what it means for the entry.
@@ -684,15 +692,13 @@ impl Core {
     }
 }
 
+/// Makes the request a fill sends, as the proxy would prepare it (`None`: it cannot be).
+pub type Fill<'a> = dyn Fn() -> Option<Request<Body>> + Send + Sync + 'a;
+
 /// The fill's request: the prepared request, without a body, asking for identity bytes, conditional on
 /// the stored ETag when there is one, without cookies.
-fn fill_request(prepared: &Parts, etag: Option<&HeaderValue>) -> Request<Body> {
-    let mut req = Request::new(Body::Empty);
-    *req.method_mut() = prepared.method.clone();
-    *req.uri_mut() = prepared.uri.clone();
-    *req.version_mut() = prepared.version;
+fn fill_request(mut req: Request<Body>, etag: Option<&HeaderValue>) -> Request<Body> {
     let h = req.headers_mut();
-    *h = prepared.headers.clone();
     h.remove(header::COOKIE);
     h.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     match etag {

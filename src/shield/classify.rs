@@ -63,10 +63,13 @@ pub enum Bypass {
     TooLarge,
     /// The shield is off (`shield = off`).
     Disabled,
+    /// `Connection` names a field beyond `close`/`keep-alive`: forwarding removes what it names (RFC
+    /// 9110 §7.6.1), so the request Unleash would see is not the one the key describes.
+    Connection,
 }
 
 impl Bypass {
-    pub const ALL: [Bypass; 10] = [
+    pub const ALL: [Bypass; 11] = [
         Bypass::Method,
         Bypass::TokenKind,
         Bypass::Body,
@@ -77,6 +80,7 @@ impl Bypass {
         Bypass::Variants,
         Bypass::TooLarge,
         Bypass::Disabled,
+        Bypass::Connection,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -91,6 +95,7 @@ impl Bypass {
             Bypass::Variants => "variants_exceeded",
             Bypass::TooLarge => "too_large",
             Bypass::Disabled => "disabled",
+            Bypass::Connection => "connection_option",
         }
     }
 }
@@ -144,6 +149,9 @@ fn check<'a>(method: &Method, query: Option<&'a str>, headers: &'a HeaderMap, ki
     if asks_no_cache(headers) {
         return Err(Bypass::NoCache);
     }
+    if names_fields(headers) {
+        return Err(Bypass::Connection);
+    }
     let spec = single(headers, &CLIENT_SPEC).map_err(|_| Bypass::Spec)?;
     if spec.is_some_and(|s| !is_plain_version(s)) {
         return Err(Bypass::Spec);
@@ -167,6 +175,17 @@ fn single<'a>(headers: &'a HeaderMap, name: &header::HeaderName) -> Result<Optio
         return Err(());
     }
     first.map(|v| v.to_str().map_err(|_| ())).transpose()
+}
+
+/// A `Connection` option other than `close` and `keep-alive`: a field name the hop-by-hop rule would
+/// remove before forwarding, possibly one the key is made of.
+fn names_fields(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|o| !o.is_empty() && !o.eq_ignore_ascii_case(b"close") && !o.eq_ignore_ascii_case(b"keep-alive"))
 }
 
 /// `Cache-Control: no-cache` or `no-store`, or `Pragma: no-cache` (RFC 9111 §5.2.1, §5.4).
@@ -349,6 +368,15 @@ mod tests {
         assert_eq!(by(None, &[("transfer-encoding", "chunked")]), Bypass::Body);
         assert_eq!(by(None, &[("cache-control", "max-age=0, No-Cache")]), Bypass::NoCache);
         assert_eq!(by(None, &[("pragma", "no-cache")]), Bypass::NoCache);
+        for conn in ["unleash-client-spec", "close, If-None-Match", "keep-alive,x-a"] {
+            assert_eq!(by(None, &[("connection", conn)]), Bypass::Connection, "{conn}");
+        }
+        for conn in ["close", "Keep-Alive", " keep-alive , close ", ""] {
+            assert!(
+                matches!(class(None, &[("connection", conn)]), Some(Class::Cacheable(_))),
+                "{conn}"
+            );
+        }
         let h = HeaderMap::new();
         for (m, k, want) in [
             (Method::HEAD, TokenKind::Client, Bypass::Method),

@@ -120,10 +120,24 @@ async fn the_spec_and_the_query_are_part_of_the_key_and_anything_unusual_is_forw
         )
         .await;
         assert_eq!(head.status, 200);
+        // Connection drops the spec before forwarding: Unleash answers a spec-less poll, which must not
+        // be kept (nor served) under the spec's key.
+        let dropped = [("unleash-client-spec", "5.2.0"), ("connection", "unleash-client-spec")];
+        let hop = poll(&gw, A, "/api/client/features", &dropped).await;
+        assert_eq!(hop.headers["etag"], etag(A, None, None, 0).as_str());
     }
-    assert_eq!(u.polls().len(), 14, "seven bypassing requests, twice, all forwarded");
+    assert_eq!(u.polls().len(), 16, "eight bypassing requests, twice, all forwarded");
+    let specced = poll(&gw, A, "/api/client/features", &[("unleash-client-spec", "5.2.0")]).await;
+    assert_eq!(specced.headers["etag"], etag(A, Some("5.2.0"), None, 0).as_str());
     let s = scrape(gw.admin).await;
-    for reason in ["spec_header", "query", "inm_form", "token_kind", "method"] {
+    for reason in [
+        "spec_header",
+        "query",
+        "inm_form",
+        "token_kind",
+        "method",
+        "connection_option",
+    ] {
         assert!(
             s.value(&format!("flaggate_shield_bypass_total{{reason=\"{reason}\"}}")) >= 2.0,
             "{reason}"

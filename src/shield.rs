@@ -279,7 +279,7 @@ impl Shield {
     /// Counts a request that was classified as bypassing before reaching [`Shield::serve`].
     pub fn bypassed(&self, reason: Bypass) {
         let m = &self.core.metrics;
-        m.requests.with_label_values(&["bypass"]).inc();
+        m.count("bypass");
         m.bypass.with_label_values(&[reason.as_str()]).inc();
     }
 
@@ -291,13 +291,13 @@ impl Shield {
         let m = &self.core.metrics;
         match &served {
             Served::Answer(_, note) | Served::Failed(_, note) => {
-                m.requests.with_label_values(&[note.result]).inc();
+                m.count(note.result);
                 if let Some(age) = note.age {
                     m.served_age.observe(age.as_secs_f64());
                 }
             }
             Served::Forward(reason) => {
-                m.requests.with_label_values(&["bypass"]).inc();
+                m.count("bypass");
                 m.bypass.with_label_values(&[reason.as_str()]).inc();
             }
         }
@@ -602,11 +602,11 @@ impl Core {
         match status.as_u16() {
             200 => match doc::storable(&parts.headers) {
                 Ok(etag) => {
-                    let doc = Arc::new(Doc {
-                        body: self.bodies.intern(bytes.clone()),
+                    let doc = Arc::new(Doc::new(
+                        self.bodies.intern(bytes.clone()),
                         etag,
-                        headers: doc::replayed(&parts.headers),
-                    });
+                        doc::replayed(&parts.headers),
+                    ));
                     entry.doc.store(Some(doc.clone()));
                     self.confirmed(entry);
                     // Re-inserted so that the cache weighs the entry with its new document.

@@ -40,13 +40,53 @@ pub struct Doc {
     pub etag: HeaderValue,
     /// The response headers to replay (ETag and Vary included).
     pub headers: HeaderMap,
+    /// Each answer's complete headers, made once: a hit clones one map instead of rebuilding it.
+    answers: Answers,
+}
+
+struct Answers {
+    identity: HeaderMap,
+    gzip: HeaderMap,
+    not_modified: HeaderMap,
 }
 
 impl Doc {
-    /// What the document weighs (its body counted whole even when shared: a conservative budget).
+    /// A document from Unleash's identity `body`, its `etag` and its response headers (already
+    /// [`replayed`]).
+    pub fn new(body: Arc<Body>, etag: HeaderValue, headers: HeaderMap) -> Doc {
+        let mut identity = headers.clone();
+        identity.insert(header::ETAG, etag.clone());
+        if !identity
+            .get_all(header::VARY)
+            .iter()
+            .any(|v| mentions(v, "accept-encoding"))
+        {
+            identity.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+        }
+        let mut gzip = identity.clone();
+        gzip.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        let mut not_modified = identity.clone();
+        // RFC 9110 §15.4.5: a 304 carries no representation metadata beyond the validators.
+        for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
+            not_modified.remove(name);
+        }
+        Doc {
+            body,
+            etag,
+            headers,
+            answers: Answers {
+                identity,
+                gzip,
+                not_modified,
+            },
+        }
+    }
+
+    /// What the document weighs (its body counted whole even when shared: a conservative budget; the
+    /// prepared answers' headers counted four times over).
     pub fn weight(&self) -> usize {
         let headers: usize = self.headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 32).sum();
-        self.body.identity.len() + self.body.gzip.as_ref().map_or(0, Bytes::len) + headers + 128
+        self.body.identity.len() + self.body.gzip.as_ref().map_or(0, Bytes::len) + 4 * headers + 128
     }
 
     /// The answer from this document: 304 when the client already has this ETag, else 200 with the
@@ -55,28 +95,14 @@ impl Doc {
     pub fn respond(&self, client_etag: Option<&HeaderValue>, accepts_gzip: bool) -> Response<Full<Bytes>> {
         let not_modified = client_etag.is_some_and(|e| e == self.etag);
         let gzip = self.body.gzip.as_ref().filter(|_| accepts_gzip && !not_modified);
-        let body = match (not_modified, gzip) {
-            (true, _) => Bytes::new(),
-            (false, Some(g)) => g.clone(),
-            (false, None) => self.body.identity.clone(),
+        let (body, headers, status) = match (not_modified, gzip) {
+            (true, _) => (Bytes::new(), &self.answers.not_modified, StatusCode::NOT_MODIFIED),
+            (false, Some(g)) => (g.clone(), &self.answers.gzip, StatusCode::OK),
+            (false, None) => (self.body.identity.clone(), &self.answers.identity, StatusCode::OK),
         };
         let mut resp = Response::new(Full::new(body));
-        *resp.headers_mut() = self.headers.clone();
-        let h = resp.headers_mut();
-        h.insert(header::ETAG, self.etag.clone());
-        if !h.get_all(header::VARY).iter().any(|v| mentions(v, "accept-encoding")) {
-            h.append(header::VARY, HeaderValue::from_static("Accept-Encoding"));
-        }
-        if not_modified {
-            *resp.status_mut() = StatusCode::NOT_MODIFIED;
-            // RFC 9110 §15.4.5: a 304 carries no representation metadata beyond the validators.
-            for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
-                resp.headers_mut().remove(name);
-            }
-        } else if gzip.is_some() {
-            resp.headers_mut()
-                .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-        }
+        *resp.headers_mut() = headers.clone();
+        *resp.status_mut() = status;
         resp
     }
 }
@@ -251,11 +277,11 @@ mod tests {
             HeaderValue::from_static("application/json; charset=utf-8"),
         );
         h.insert(header::ETAG, HeaderValue::from_static("\"abc:12:v1\""));
-        Doc {
-            body: bodies.intern(Bytes::copy_from_slice(body)),
-            etag: HeaderValue::from_static("\"abc:12:v1\""),
-            headers: replayed(&h),
-        }
+        Doc::new(
+            bodies.intern(Bytes::copy_from_slice(body)),
+            HeaderValue::from_static("\"abc:12:v1\""),
+            replayed(&h),
+        )
     }
 
     async fn bytes(r: Response<Full<Bytes>>) -> Bytes {

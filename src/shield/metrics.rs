@@ -4,7 +4,7 @@
 use super::classify::Bypass;
 use super::doc::NotStored;
 use crate::telemetry::{must, register, register_sampled, LATENCY_BUCKETS};
-use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 /// How a request the shield considered was answered.
 pub const RESULTS: [&str; 10] = [
@@ -23,6 +23,8 @@ pub const RESULTS: [&str; 10] = [
 #[derive(Clone)]
 pub struct ShieldMetrics {
     pub requests: IntCounterVec,
+    /// `requests`' children in [`RESULTS`]' order, resolved once: counting a hit takes no label lookup.
+    by_result: Vec<IntCounter>,
     pub bypass: IntCounterVec,
     pub upstream: IntCounterVec,
     pub not_stored: IntCounterVec,
@@ -35,12 +37,14 @@ impl ShieldMetrics {
         let vec = |name: &str, help: &str, labels: &[&str]| {
             register(registry, must(IntCounterVec::new(Opts::new(name, help), labels)))
         };
+        let requests = vec(
+            "flaggate_shield_requests_total",
+            "Feature polls the shield considered, by how they were answered: hit (fresh), hit_304, miss (filled from Unleash), coalesced (joined another request's fill), revalidated (304 from Unleash), refreshed (a new document), stale (Unleash failing), passed (Unleash's non-storable answer passed on), error (Unleash failed and nothing could be served), bypass (forwarded as without the shield)",
+            &["result"],
+        );
         let m = ShieldMetrics {
-            requests: vec(
-                "flaggate_shield_requests_total",
-                "Feature polls the shield considered, by how they were answered: hit (fresh), hit_304, miss (filled from Unleash), coalesced (joined another request's fill), revalidated (304 from Unleash), refreshed (a new document), stale (Unleash failing), passed (Unleash's non-storable answer passed on), error (Unleash failed and nothing could be served), bypass (forwarded as without the shield)",
-                &["result"],
-            ),
+            by_result: RESULTS.iter().map(|r| requests.with_label_values(&[r])).collect(),
+            requests,
             bypass: vec(
                 "flaggate_shield_bypass_total",
                 "Feature polls forwarded past the shield, by reason",
@@ -78,9 +82,6 @@ impl ShieldMetrics {
                 )),
             ),
         };
-        for r in RESULTS {
-            m.requests.with_label_values(&[r]);
-        }
         for b in Bypass::ALL {
             m.bypass.with_label_values(&[b.as_str()]);
         }
@@ -93,6 +94,14 @@ impl ShieldMetrics {
             }
         }
         m
+    }
+
+    /// Counts one request the shield answered as `result` (one of [`RESULTS`]).
+    pub fn count(&self, result: &str) {
+        match RESULTS.iter().position(|r| *r == result) {
+            Some(i) => self.by_result[i].inc(),
+            None => self.requests.with_label_values(&[result]).inc(),
+        }
     }
 
     /// Gauges read from the cache at scrape time.

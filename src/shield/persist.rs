@@ -160,11 +160,7 @@ impl Store {
             .map_or(0, |c| c.validated_at_ms);
         Ok(Restored {
             key,
-            doc: Doc {
-                body: bodies.intern(Bytes::from(s.body)),
-                etag,
-                headers: doc::replayed(&headers),
-            },
+            doc: Doc::new(bodies.intern(Bytes::from(s.body)), etag, doc::replayed(&headers)),
             validated_at_ms: s.validated_at_ms.max(confirmed),
         })
     }
@@ -186,11 +182,11 @@ mod tests {
     }
 
     fn doc(bodies: &Bodies, body: &str, etag: &str) -> Doc {
-        Doc {
-            body: bodies.intern(Bytes::from(body.to_string())),
-            etag: HeaderValue::from_str(etag).unwrap(),
-            headers: HeaderMap::new(),
-        }
+        Doc::new(
+            bodies.intern(Bytes::from(body.to_string())),
+            HeaderValue::from_str(etag).unwrap(),
+            HeaderMap::new(),
+        )
     }
 
     #[test]

@@ -375,7 +375,7 @@ impl Core {
         }
         let Some((rx, leader)) = self.join_or_start(&key, &entry, fill, doc.is_some(), &live) else {
             // The request could not be prepared for Unleash: forwarding will say why.
-            return Served::Forward(Bypass::Disabled);
+            return Served::Forward(Bypass::Unprepared);
         };
         let wait = if doc.is_some() {
             live.revalidate_wait

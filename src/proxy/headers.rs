@@ -179,34 +179,41 @@ pub fn strip_for_preflight(headers: &mut HeaderMap) {
 /// set. Names we must keep (`Authorization`, `Host` handled elsewhere) are only dropped if the client
 /// listed them, which then simply yields a request without them, never one with ours missing.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        fn listed(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-            headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(str::trim)
-                .filter(|name| !name.is_empty())
-        }
-        // Nearly every `Connection` (`keep-alive`, `close`, `upgrade`) names only connection options or
-        // fields removed below anyway: then there is nothing to collect, and nothing is allocated.
-        let extra = |name: &str| {
-            !name.eq_ignore_ascii_case("close") && !HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_str()))
-        };
-        if listed(headers).any(extra) {
-            let names: Vec<HeaderName> = listed(headers)
-                .filter(|n| extra(n))
-                .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-                .collect();
-            for name in names {
-                headers.remove(name);
-            }
+    // Nearly every `Connection` (`keep-alive`, `close`, `upgrade`) names only connection options or
+    // fields removed below anyway: then there is nothing to collect, and nothing is allocated.
+    if connection_names_extra(headers) {
+        let names: Vec<HeaderName> = connection_options(headers)
+            .filter(|n| is_extra_option(n))
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        for name in names {
+            headers.remove(name);
         }
     }
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
+}
+
+/// Whether `Connection` names a field that [`strip_hop_by_hop`] removes only because it is named there
+/// (beyond `close` and the fixed hop-by-hop set): the request forwarded then differs from the one
+/// received in more than its framing.
+pub fn connection_names_extra(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::CONNECTION) && connection_options(headers).any(is_extra_option)
+}
+
+fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+}
+
+fn is_extra_option(name: &str) -> bool {
+    !name.eq_ignore_ascii_case("close") && !HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h.as_str()))
 }
 
 /// Every field a client may not send through: the gateway's own, path and method overrides, and

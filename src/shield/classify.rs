@@ -63,13 +63,15 @@ pub enum Bypass {
     TooLarge,
     /// The shield is off (`shield = off`).
     Disabled,
-    /// `Connection` names a field beyond `close`/`keep-alive`: forwarding removes what it names (RFC
-    /// 9110 §7.6.1), so the request Unleash would see is not the one the key describes.
+    /// `Connection` names a field beyond `close` and the hop-by-hop ones: forwarding removes what it
+    /// names (RFC 9110 §7.6.1), so the request Unleash would see is not the one the key describes.
     Connection,
+    /// The request could not be made into the one Unleash would get (forwarding answers why).
+    Unprepared,
 }
 
 impl Bypass {
-    pub const ALL: [Bypass; 11] = [
+    pub const ALL: [Bypass; 12] = [
         Bypass::Method,
         Bypass::TokenKind,
         Bypass::Body,
@@ -81,6 +83,7 @@ impl Bypass {
         Bypass::TooLarge,
         Bypass::Disabled,
         Bypass::Connection,
+        Bypass::Unprepared,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -96,6 +99,7 @@ impl Bypass {
             Bypass::TooLarge => "too_large",
             Bypass::Disabled => "disabled",
             Bypass::Connection => "connection_option",
+            Bypass::Unprepared => "unprepared",
         }
     }
 }
@@ -149,7 +153,7 @@ fn check<'a>(method: &Method, query: Option<&'a str>, headers: &'a HeaderMap, ki
     if asks_no_cache(headers) {
         return Err(Bypass::NoCache);
     }
-    if names_fields(headers) {
+    if crate::proxy::headers::connection_names_extra(headers) {
         return Err(Bypass::Connection);
     }
     let spec = single(headers, &CLIENT_SPEC).map_err(|_| Bypass::Spec)?;
@@ -175,17 +179,6 @@ fn single<'a>(headers: &'a HeaderMap, name: &header::HeaderName) -> Result<Optio
         return Err(());
     }
     first.map(|v| v.to_str().map_err(|_| ())).transpose()
-}
-
-/// A `Connection` option other than `close` and `keep-alive`: a field name the hop-by-hop rule would
-/// remove before forwarding, possibly one the key is made of.
-fn names_fields(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(<[u8]>::trim_ascii)
-        .any(|o| !o.is_empty() && !o.eq_ignore_ascii_case(b"close") && !o.eq_ignore_ascii_case(b"keep-alive"))
 }
 
 /// `Cache-Control: no-cache` or `no-store`, or `Pragma: no-cache` (RFC 9111 §5.2.1, §5.4).
@@ -371,7 +364,14 @@ mod tests {
         for conn in ["unleash-client-spec", "close, If-None-Match", "keep-alive,x-a"] {
             assert_eq!(by(None, &[("connection", conn)]), Bypass::Connection, "{conn}");
         }
-        for conn in ["close", "Keep-Alive", " keep-alive , close ", ""] {
+        for conn in [
+            "close",
+            "Keep-Alive",
+            " keep-alive , close ",
+            "",
+            "Upgrade, HTTP2-Settings",
+            "te",
+        ] {
             assert!(
                 matches!(class(None, &[("connection", conn)]), Some(Class::Cacheable(_))),
                 "{conn}"

@@ -3,7 +3,7 @@
 
 use crate::error::json_response;
 use bytes::Bytes;
-use http::header::{HeaderValue, ETAG, IF_NONE_MATCH};
+use http::header::{self, HeaderValue, ETAG, IF_NONE_MATCH};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
@@ -68,7 +68,12 @@ pub async fn sample_upstream<B>(req: Request<B>) -> Result<Response<Full<Bytes>>
         ),
     };
     if path == "/api/client/features" {
-        resp.headers_mut().insert(ETAG, HeaderValue::from_static(FEATURES_ETAG));
+        // As Unleash answers it: a strong ETag, `Vary: Accept-Encoding`, no `Cache-Control`, so that the
+        // shield keeps it (the demo's second poll with a token is a hit: see the access log's `cache`).
+        let h = resp.headers_mut();
+        h.remove(header::CACHE_CONTROL);
+        h.insert(ETAG, HeaderValue::from_static(FEATURES_ETAG));
+        h.insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
     }
     if path.starts_with("/api/frontend") {
         let h = resp.headers_mut();

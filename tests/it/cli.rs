@@ -217,6 +217,29 @@ fn demo_prints_curl_lines_that_give_the_statuses_they_claim() {
             failures.push(format!("{cmd}: got {got}, demo promised {want}"));
         }
     }
+    // The sample server answers feature polls as Unleash does, so the shield keeps them: the first
+    // line's poll again is answered from memory.
+    let (first, _) = &curls[0];
+    assert!(first.ends_with("/api/client/features'"), "{first}");
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("{first} -o /dev/null"))
+        .output()
+        .unwrap();
+    let metrics_url = lines
+        .iter()
+        .find_map(|l| l.split("(admin: ").nth(1).and_then(|r| r.strip_suffix(')')))
+        .expect("the demo prints its metrics URL");
+    let scrape = Command::new("curl").args(["-s", metrics_url]).output().unwrap();
+    let scrape = String::from_utf8_lossy(&scrape.stdout);
+    let hits = scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("flaggate_shield_requests_total{result=\"hit\"} "))
+        .unwrap_or("0");
+    assert!(
+        hits.parse::<f64>().unwrap() >= 1.0,
+        "no shield hit in the demo: {scrape}"
+    );
     drop(demo);
     assert!(failures.is_empty(), "{failures:#?}");
 }

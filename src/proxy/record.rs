@@ -38,6 +38,10 @@ pub struct Record {
 
 impl Record {
     pub fn emit(&self, bytes: u64, complete: bool) {
+        // The fingerprint is formatted before the macro sees it: skip that work when nobody listens.
+        if !tracing::enabled!(target: "flaggate::access", tracing::Level::INFO) {
+            return;
+        }
         let fingerprint = self.token.map(|(f, _)| f.to_string());
         let kind = self.token.and_then(|(_, k)| k).map(TokenKind::as_str);
         tracing::info!(

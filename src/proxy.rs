@@ -236,7 +236,9 @@ async fn run_phases(
     let live = gw.live.load();
 
     let head = validate(&parts, &uri, &live, ctx, out)?;
-    out.path = Some(head.path.as_str().to_owned());
+    if record::wanted() {
+        out.path = Some(head.path.as_str().to_owned());
+    }
     out.route_class = head.rule.name.clone();
     out.browser_route = head.rule.preflight;
 

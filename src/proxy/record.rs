@@ -36,10 +36,15 @@ pub struct Record {
     pub error: Option<String>,
 }
 
+/// Whether access-log lines are written at all: when they are not (`--log-level warn`), the fields
+/// only they need (the path's copy, the fingerprint's text) are not made.
+pub fn wanted() -> bool {
+    tracing::enabled!(target: "flaggate::access", tracing::Level::INFO)
+}
+
 impl Record {
     pub fn emit(&self, bytes: u64, complete: bool) {
-        // The fingerprint is formatted before the macro sees it: skip that work when nobody listens.
-        if !tracing::enabled!(target: "flaggate::access", tracing::Level::INFO) {
+        if !wanted() {
             return;
         }
         let fingerprint = self.token.map(|(f, _)| f.to_string());

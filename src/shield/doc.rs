@@ -2,6 +2,7 @@
 //! re-hashed: the .NET SDK broke on Edge's weak ETags), the response headers worth replaying, and a gzip
 //! copy made once. Identical bodies (tokens of the same scope) share one allocation.
 
+use crate::proxy::headers::X_REQUEST_ID;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
@@ -69,6 +70,12 @@ impl Doc {
         // RFC 9110 §15.4.5: a 304 carries no representation metadata beyond the validators.
         for name in [header::CONTENT_TYPE, header::CONTENT_LENGTH] {
             not_modified.remove(name);
+        }
+        // Every response gets its request id in `proxy::handle`. With the name already here, that
+        // insert replaces a value in place; without it, it would grow (reallocate, maybe rehash) a map
+        // that a hit has just cloned at its exact size.
+        for map in [&mut identity, &mut gzip, &mut not_modified] {
+            map.insert(X_REQUEST_ID, HeaderValue::from_static("-"));
         }
         Doc {
             body,

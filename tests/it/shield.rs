@@ -632,6 +632,24 @@ async fn a_cached_answer_looks_like_unleashs_own() {
         assert!(cached.headers.get(hop).is_none(), "{hop}");
     }
     assert_eq!(results(&gw, "hit").await, 1.0);
+    // Every kind of answer from memory carries the request's own id, once.
+    let etag = direct.headers["etag"].to_str().unwrap().to_string();
+    for (asked, status) in [
+        (vec![("if-none-match", etag.as_str())], 304),
+        (vec![("accept-encoding", "gzip")], 200),
+        (vec![], 200),
+    ] {
+        let mut headers = asked.clone();
+        headers.push(("x-request-id", "shield-id-each"));
+        let r = poll(&gw, A, "/api/client/features", &headers).await;
+        assert_eq!(r.status, status, "{asked:?}");
+        let ids: Vec<_> = r.headers.get_all("x-request-id").iter().collect();
+        assert_eq!(ids, ["shield-id-each"], "{asked:?}");
+        let generated = poll(&gw, A, "/api/client/features", &asked).await;
+        let ids: Vec<_> = generated.headers.get_all("x-request-id").iter().collect();
+        assert!(ids.len() == 1 && ids[0].len() == 32, "{asked:?}: {ids:?}");
+    }
+    assert_eq!(results(&gw, "hit_304").await, 2.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -70,7 +70,7 @@ struct Pending<'a> {
     started: Instant,
     method: http::Method,
     request_id: http::HeaderValue,
-    app: Option<String>,
+    app: Option<HeaderValue>,
     out: Outcome,
     /// Cleared once the response head is handed to hyper (the body then owns the rest).
     open: bool,
@@ -105,7 +105,7 @@ impl Pending<'_> {
         }
         // Only a known token may name an app: the label set is bounded, and junk must not fill it.
         let authenticated = out.token.is_some_and(|(_, kind)| kind.is_some());
-        if let (Some(a), true) = (&self.app, authenticated) {
+        if let (Some(a), true) = (self.app.as_ref().and_then(record::app_name), authenticated) {
             m.sdk_requests.with_label_values(&[m.app_label(a)]).inc();
         }
         record::Record {
@@ -173,11 +173,7 @@ pub async fn handle(
         started: Instant::now(),
         method: req.method().clone(),
         request_id: request_id.clone(),
-        app: req
-            .headers()
-            .get("unleash-appname")
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.chars().take(64).collect::<String>()),
+        app: req.headers().get("unleash-appname").cloned(),
         out: Outcome {
             browser_route: false,
             route_class: gw.unrouted.clone(),

@@ -27,7 +27,8 @@ pub struct Record {
     pub decision: Decision,
     pub reason: Option<&'static str>,
     pub token: Option<(Fingerprint, Option<TokenKind>)>,
-    pub app: Option<String>,
+    /// The client's `unleash-appname`, as sent (read with [`app_name`]).
+    pub app: Option<HeaderValue>,
     pub request_id: HeaderValue,
     pub gateway_time: Duration,
     pub upstream_time: Option<Duration>,
@@ -60,7 +61,7 @@ impl Record {
             reason = self.reason,
             token = fingerprint.as_deref(),
             token_kind = kind,
-            app = self.app.as_deref(),
+            app = self.app.as_ref().and_then(app_name),
             request_id = self.request_id.to_str().unwrap_or("-"),
             bytes = bytes,
             complete = complete,
@@ -236,6 +237,17 @@ impl Drop for LoggedBody {
     }
 }
 
+/// The SDK's `unleash-appname` as the log and the `app` label show it: at most [`APP_NAME_MAX`] bytes,
+/// `None` when it is not visible ASCII. Kept as the header value (a shared reference to the request's
+/// bytes) rather than copied: every SDK request carries one.
+pub fn app_name(v: &HeaderValue) -> Option<&str> {
+    // `to_str` admits visible ASCII only, so any byte index is a character boundary.
+    v.to_str().ok().map(|s| &s[..s.len().min(APP_NAME_MAX)])
+}
+
+/// The longest app name logged or used as a label; longer ones are cut.
+pub const APP_NAME_MAX: usize = 64;
+
 /// `x-request-id`: honoured when well-formed (1-64 of `[A-Za-z0-9._-]`), else generated.
 pub fn request_id(incoming: Option<&HeaderValue>) -> HeaderValue {
     if let Some(v) = incoming {
@@ -262,6 +274,15 @@ pub fn request_id(incoming: Option<&HeaderValue>) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn app_names_are_cut_to_the_maximum_and_only_visible_ascii_is_read() {
+        let long = "a".repeat(APP_NAME_MAX + 10);
+        let v = HeaderValue::from_str(&long).unwrap();
+        assert_eq!(app_name(&v), Some(&long[..APP_NAME_MAX]));
+        assert_eq!(app_name(&HeaderValue::from_static("checkout")), Some("checkout"));
+        assert_eq!(app_name(&HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap()), None);
+    }
 
     #[test]
     fn request_ids_are_honoured_only_when_well_formed() {

@@ -3,7 +3,7 @@ use crate::support;
 use crate::support::patience;
 
 use crate::support::binary::spawn;
-use crate::support::client::raw_status;
+use crate::support::client::{h2_connection, raw_status};
 use crate::support::gateway::token_yaml;
 use crate::support::metrics::{metric, scrape};
 use crate::support::upstream::ok_json;
@@ -138,29 +138,6 @@ async fn a_client_that_stops_reading_its_response_is_cut_at_the_idle_timeout() {
     assert!(got.len() > BIG, "a reading client was cut after {} bytes", got.len());
 }
 
-/// An HTTP/2 client on `addr` whose streams get only `window` bytes until it reads (hyper's client
-/// grants more as the body is polled).
-async fn h2_client(
-    addr: std::net::SocketAddr,
-    window: u32,
-) -> (
-    hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
-    tokio::task::JoinHandle<()>,
-) {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (send, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-        .initial_stream_window_size(window)
-        .handshake(hyper_util::rt::TokioIo::new(tcp))
-        .await
-        .unwrap();
-    (
-        send,
-        tokio::spawn(async move {
-            let _ = conn.await;
-        }),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_stream_whose_client_stops_granting_window_is_cut_at_the_idle_timeout() {
     use http_body_util::BodyExt;
@@ -184,7 +161,7 @@ async fn an_h2_stream_whose_client_stops_granting_window_is_cut_at_the_idle_time
     };
 
     // Takes the head, then never reads: the stream's 16 KiB window stays used up.
-    let (mut send, conn) = h2_client(gw.addr, 16 << 10).await;
+    let (mut send, conn) = h2_connection(gw.addr, Some(16 << 10)).await;
     let resp = send.send_request(request()).await.unwrap();
     assert_eq!(resp.status(), 200);
     let stalled = Instant::now();
@@ -201,7 +178,7 @@ async fn an_h2_stream_whose_client_stops_granting_window_is_cut_at_the_idle_time
 
     // A client that reads slowly but steadily (16 KiB every 300 ms, well past the idle timeout) is not
     // cut, and then gets the rest at full speed.
-    let (mut send, _conn) = h2_client(gw.addr, 16 << 10).await;
+    let (mut send, _conn) = h2_connection(gw.addr, Some(16 << 10)).await;
     let mut body = send.send_request(request()).await.unwrap().into_body();
     let mut read = 0;
     let slow_until = Instant::now() + Duration::from_millis(2500);

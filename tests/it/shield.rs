@@ -304,34 +304,15 @@ async fn what_must_not_be_stored_is_passed_on_and_asked_again() {
     let u = features(None).await;
     let gw = shielded(&u, "30s").await;
     type Switch = Box<dyn Fn(&Features)>;
+    // Unleash adds one response header, then stops adding any.
+    let with_header = |name: &'static str, value: &'static str| -> Switch {
+        Box::new(move |u| u.state.extra.lock().unwrap().push((name.into(), value.into())))
+    };
+    let plain = || -> Switch { Box::new(|u| u.state.extra.lock().unwrap().clear()) };
     let cases: [(&str, Switch, Switch); 5] = [
-        (
-            "set_cookie",
-            Box::new(|u| u.state.extra.lock().unwrap().push(("set-cookie".into(), "s=1".into()))),
-            Box::new(|u| u.state.extra.lock().unwrap().clear()),
-        ),
-        (
-            "no_store",
-            Box::new(|u| {
-                u.state
-                    .extra
-                    .lock()
-                    .unwrap()
-                    .push(("cache-control".into(), "no-store".into()))
-            }),
-            Box::new(|u| u.state.extra.lock().unwrap().clear()),
-        ),
-        (
-            "no_store",
-            Box::new(|u| {
-                u.state
-                    .extra
-                    .lock()
-                    .unwrap()
-                    .push(("cache-control".into(), "private".into()))
-            }),
-            Box::new(|u| u.state.extra.lock().unwrap().clear()),
-        ),
+        ("set_cookie", with_header("set-cookie", "s=1"), plain()),
+        ("no_store", with_header("cache-control", "no-store"), plain()),
+        ("no_store", with_header("cache-control", "private"), plain()),
         (
             "no_etag",
             Box::new(|u| u.state.no_etag.store(true, Ordering::SeqCst)),

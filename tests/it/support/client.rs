@@ -2,8 +2,9 @@
 
 use super::patience;
 use bytes::Bytes;
-use http::{HeaderMap, Request, StatusCode};
+use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::net::SocketAddr;
@@ -18,6 +19,17 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// The whole response: head and body read to the end.
+    async fn read(resp: Response<Incoming>) -> Reply {
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
@@ -32,13 +44,7 @@ pub async fn send(req: Request<Full<Bytes>>) -> Reply {
         .await
         .expect("request timed out")
         .expect("request failed");
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.expect("body").to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
+    Reply::read(resp).await
 }
 
 /// GET `path` on `addr`, with `Authorization: token` when given.
@@ -73,15 +79,32 @@ pub fn raw_status(reply: &str) -> u16 {
 /// An HTTP/2 (h2c, prior knowledge) connection to `addr`: many streams on one connection, as an
 /// ingress or a browser would open them. The connection task ends when the sender is dropped.
 pub async fn h2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    h2_connection(addr, None).await.0
+}
+
+/// [`h2`] with the connection task's handle (it ends when the server closes the connection) and,
+/// when given, the stream window the client grants: with a small one a stream gets only that many
+/// bytes until its body is read (hyper's client grants more as the body is polled).
+pub async fn h2_connection(
+    addr: SocketAddr,
+    stream_window: Option<u32>,
+) -> (
+    hyper::client::conn::http2::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<()>,
+) {
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    if let Some(w) = stream_window {
+        builder.initial_stream_window_size(w);
+    }
+    let (send, conn) = builder
         .handshake(hyper_util::rt::TokioIo::new(tcp))
         .await
         .expect("h2 handshake");
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let _ = conn.await;
     });
-    send
+    (send, task)
 }
 
 /// Sends `req` on an HTTP/2 connection and reads the whole reply.
@@ -94,11 +117,5 @@ pub async fn send_h2(
         .await
         .expect("h2 request timed out")
         .expect("h2 request failed");
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.expect("body").to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    }
+    Reply::read(resp).await
 }

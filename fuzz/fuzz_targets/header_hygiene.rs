@@ -8,22 +8,13 @@ use flaggate::internals::headers::{
     strip_hop_by_hop, CONSUMED, FORWARDING_CLAIMS, GATEWAY_SET, HOP_BY_HOP, METHOD_OVERRIDES, PATH_OVERRIDES,
     PROTECTED,
 };
-use http::{HeaderMap, HeaderName, HeaderValue};
+use flaggate_fuzz::header_lines;
+use http::HeaderName;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     // Input: lines of `name: value`.
-    let mut headers = HeaderMap::new();
-    for line in data.split(|b| *b == b'\n') {
-        let Some(colon) = line.iter().position(|b| *b == b':') else { continue };
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(&line[..colon]),
-            HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
-        ) else {
-            continue;
-        };
-        headers.append(name, value);
-    }
+    let mut headers = header_lines(data.split(|b| *b == b'\n'));
     let listed: Vec<HeaderName> = headers
         .get_all("connection")
         .iter()
@@ -32,7 +23,10 @@ fuzz_target!(|data: &[u8]| {
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
     let protected_listed = listed.iter().find(|l| PROTECTED.contains(l));
-    assert_eq!(connection_names_protected(&headers).is_some(), protected_listed.is_some());
+    assert_eq!(
+        connection_names_protected(&headers).is_some(),
+        protected_listed.is_some()
+    );
     let host = headers.get("host").cloned();
     let auth_before = headers.get_all("authorization").iter().cloned().collect::<Vec<_>>();
     strip_hop_by_hop(&mut headers);
@@ -53,15 +47,33 @@ fuzz_target!(|data: &[u8]| {
     }
     // Authorization is kept unless the client itself listed it (which the gateway refuses earlier).
     if protected_listed.is_none() {
-        assert_eq!(headers.get_all("authorization").iter().cloned().collect::<Vec<_>>(), auth_before);
+        assert_eq!(
+            headers.get_all("authorization").iter().cloned().collect::<Vec<_>>(),
+            auth_before
+        );
     }
-    set_forwarded(&mut headers, forwarded_for("10.1.2.3".parse().unwrap()), "http", host.clone());
-    assert_eq!(headers.get_all("x-forwarded-for").iter().collect::<Vec<_>>(), vec!["10.1.2.3"]);
-    assert_eq!(headers.get_all("x-forwarded-proto").iter().collect::<Vec<_>>(), vec!["http"]);
+    set_forwarded(
+        &mut headers,
+        forwarded_for("10.1.2.3".parse().unwrap()),
+        "http",
+        host.clone(),
+    );
+    assert_eq!(
+        headers.get_all("x-forwarded-for").iter().collect::<Vec<_>>(),
+        vec!["10.1.2.3"]
+    );
+    assert_eq!(
+        headers.get_all("x-forwarded-proto").iter().collect::<Vec<_>>(),
+        vec!["http"]
+    );
     if let Some(fh) = headers.get("x-forwarded-host") {
         let b = fh.as_bytes();
         assert!(is_host_port(b));
-        assert!(!b.iter().any(|c| matches!(c, b'@' | b'/' | b' ' | b'\t' | b'?' | b'#' | b'\\')), "{fh:?}");
+        assert!(
+            !b.iter()
+                .any(|c| matches!(c, b'@' | b'/' | b' ' | b'\t' | b'?' | b'#' | b'\\')),
+            "{fh:?}"
+        );
         let authority: http::uri::Authority = fh.to_str().unwrap().parse().expect("a host:port is an authority");
         assert_eq!(authority.as_str().as_bytes(), b);
     }

@@ -3,26 +3,24 @@
 //! query is within the bounds and made of allowlisted keys, and whose spec is one plain version.
 #![no_main]
 use flaggate::internals::{classify, Class, Digest, TokenKind};
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use flaggate_fuzz::header_lines;
+use http::Method;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     // Input: the query on the first line, then `name: value` header lines.
     let mut lines = data.split(|b| *b == b'\n');
     let query = lines.next().and_then(|q| std::str::from_utf8(q).ok());
-    let mut headers = HeaderMap::new();
-    for line in lines {
-        let Some(colon) = line.iter().position(|b| *b == b':') else { continue };
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(&line[..colon]),
-            HeaderValue::from_bytes(line[colon + 1..].trim_ascii()),
-        ) else {
-            continue;
-        };
-        headers.append(name, value);
-    }
+    let headers = header_lines(lines);
     let token = Digest::of("t");
-    let class = classify(&Method::GET, "/api/client/features", query, &headers, TokenKind::Client, token);
+    let class = classify(
+        &Method::GET,
+        "/api/client/features",
+        query,
+        &headers,
+        TokenKind::Client,
+        token,
+    );
     match class {
         Some(Class::Cacheable(key)) => {
             assert_eq!(key.token, token);
@@ -37,7 +35,9 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(key.spec.as_deref(), spec);
             if let Some(s) = spec {
                 assert_eq!(s.split('.').count(), 3);
-                assert!(s.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())));
+                assert!(s
+                    .split('.')
+                    .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())));
             }
             assert!(headers.get_all("if-none-match").iter().count() <= 1);
         }
@@ -45,5 +45,13 @@ fuzz_target!(|data: &[u8]| {
         None => panic!("the features path is always classified"),
     }
     // Any other path is never the shield's.
-    assert!(classify(&Method::GET, "/api/client/features/x", query, &headers, TokenKind::Client, token).is_none());
+    assert!(classify(
+        &Method::GET,
+        "/api/client/features/x",
+        query,
+        &headers,
+        TokenKind::Client,
+        token
+    )
+    .is_none());
 });
